@@ -1,0 +1,1 @@
+"""Thin HTTP intake: validate, store, write rows, enqueue. Never imports torch."""

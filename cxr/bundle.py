@@ -1,0 +1,116 @@
+"""Model bundle metadata: read and written without torch.
+
+A bundle is one ``.safetensors`` file. Its tensors are the network's weights; its header
+metadata holds (as JSON under the key ``cxr_bundle``) everything needed to rebuild the
+network and feed it: the timm architecture, the head, class names, input size, channels,
+normalisation, temperature and thresholds. Because the safetensors header is plain JSON
+after an 8-byte length, the API can read it without importing torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BUNDLE_FORMAT = "cxr-bundle/1"
+META_KEY = "cxr_bundle"
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class BundleError(ValueError):
+    """The bundle file is missing, unreadable or not a cxr-screen bundle."""
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """The seed's classification head: BN -> Dropout -> Linear(hidden) -> ReLU -> BN -> Dropout -> Linear."""
+
+    hidden: int = 256
+    dropout1: float = 0.3
+    dropout2: float = 0.15
+
+
+@dataclass(frozen=True)
+class BundleMeta:
+    architecture: str
+    classes: list[str]
+    input_size: int = 224
+    in_chans: int = 1
+    mean: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.5])
+    head: HeadSpec = field(default_factory=HeadSpec)
+    temperature: float = 1.0
+    thresholds: dict[str, float] = field(default_factory=dict)
+    version: str = "0"
+    created_at: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    format: str = BUNDLE_FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BundleMeta":
+        if d.get("format") != BUNDLE_FORMAT:
+            raise BundleError(f"unsupported bundle format {d.get('format')!r}; expected {BUNDLE_FORMAT!r}")
+        d = dict(d)
+        d["head"] = HeadSpec(**d.get("head", {}))
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise BundleError(f"bundle metadata has unknown fields {sorted(unknown)}; upgrade cxr-screen")
+        meta = cls(**d)
+        if len(meta.mean) != len(meta.std) or len(meta.mean) not in (1, meta.in_chans):
+            raise BundleError("bundle mean/std must have one value or one per input channel")
+        if len(meta.classes) < 2:
+            raise BundleError("bundle must name at least two classes")
+        return meta
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise BundleError(f"{path} is too short to be a safetensors bundle")
+            (n,) = struct.unpack("<Q", raw)
+            if n > _MAX_HEADER:
+                raise BundleError(f"{path} does not look like a safetensors bundle (header of {n} bytes)")
+            return json.loads(f.read(n))
+    except FileNotFoundError as e:
+        raise BundleError(f"model bundle not found: {path}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path} is not a safetensors bundle: {e}") from e
+
+
+def read_meta(path: Path) -> BundleMeta:
+    header = read_header(path)
+    raw = (header.get("__metadata__") or {}).get(META_KEY)
+    if raw is None:
+        raise BundleError(
+            f"{path} is a safetensors file but not a cxr-screen bundle (no '{META_KEY}' metadata); "
+            "write bundles with trainer's save_bundle"
+        )
+    return BundleMeta.from_dict(json.loads(raw))
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+NO_BUNDLE_HELP = (
+    "No model bundle is configured. cxr-screen never screens with untrained weights.\n"
+    "Get one by either:\n"
+    "  - setting CXR_CHECKPOINT=/path/to/model.safetensors (a bundle written by `cxr train`), or\n"
+    "  - training one: `cxr train --config configs/train_lite0.yaml`, or\n"
+    "  - placing the shipped default at models/cxr-default.safetensors."
+)

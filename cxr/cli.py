@@ -1,0 +1,271 @@
+"""The ``cxr`` command line. Every command has --help.
+
+Screening aid, not for clinical use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cxr import DISCLAIMER
+from cxr.settings import get_settings
+
+app = typer.Typer(
+    help="cxr-screen: batch screening of chest radiographs (Normal / Pneumonia / Tuberculosis) "
+    "with Grad-CAM heatmaps. " + DISCLAIMER,
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+)
+db_app = typer.Typer(help="Database schema management (Alembic).", no_args_is_help=True, rich_markup_mode="markdown")
+app.add_typer(db_app, name="db")
+log = logging.getLogger("cxr")
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@app.callback()
+def main(
+    log_level: Annotated[Optional[str], typer.Option(help="Log level (default CXR_LOG_LEVEL or INFO).")] = None,
+) -> None:
+    level = (log_level or get_settings().log_level).upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if log_level:
+        os.environ["CXR_LOG_LEVEL"] = level
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    typer.secho(message, err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+def require_bundle(checkpoint: Path | None = None) -> Path:
+    """The bundle to use, validated (metadata only), or exit with instructions."""
+    from cxr.bundle import NO_BUNDLE_HELP, BundleError, read_meta
+
+    path = checkpoint.resolve() if checkpoint else get_settings().resolved_checkpoint()
+    if path is None:
+        raise fail(NO_BUNDLE_HELP)
+    try:
+        read_meta(path)
+    except BundleError as e:
+        raise fail(f"cannot use model bundle: {e}")
+    return path
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Apply Alembic migrations up to REVISION (default: head) on CXR_DATABASE_URL."""
+    from cxr.db.migrate import upgrade
+
+    settings = get_settings()
+    settings.ensure_dirs()
+    upgrade(settings.database_url, revision)
+    typer.echo(f"database at revision {revision}")
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="Worker processes. 1 runs in-process (solo pool).")] = 1,
+) -> None:
+    """Run a Celery worker that screens queued studies.
+
+    The model bundle (CXR_CHECKPOINT) is loaded lazily, once per worker process, on its
+    first task. Start as many workers, on as many hosts, as you like: they share the
+    database (CXR_DATABASE_URL), the broker (CXR_BROKER_URL) and the store (CXR_HOME).
+    """
+    require_bundle()
+    settings = get_settings()
+    settings.ensure_dirs()
+    from worker.tasks import app as celery_app
+
+    pool = "solo" if concurrency == 1 else "prefork"
+    celery_app.worker_main([
+        "worker", f"--loglevel={settings.log_level}", "-Q", settings.queue, f"--concurrency={concurrency}",
+        f"--pool={pool}", "-n", f"cxr-{os.getpid()}@%h", "--without-gossip", "--without-mingle",
+    ])
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+@app.command()
+def watch(
+    inbox: Annotated[Optional[Path], typer.Option(help="Folder to watch (default CXR_INBOX, ./inbox).")] = None,
+) -> None:
+    """Watch a folder: every PNG, JPEG or DICOM file dropped in becomes a queued study.
+
+    A file is taken in once its size has stopped changing (CXR_WATCH_SETTLE_SECONDS);
+    temporary names (.part, .tmp, dot-files) are ignored. It is removed from the inbox only
+    after it is stored and its study row is committed.
+    """
+    from cxr.queue import get_celery
+    from worker.watcher import InboxWatcher
+
+    settings = get_settings()
+    settings.ensure_dirs()
+    InboxWatcher(settings, get_celery(), inbox=inbox).run(_stop_on_signals())
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+) -> None:
+    """Run the HTTP intake API under uvicorn (docs at /docs)."""
+    import uvicorn
+
+    settings = get_settings()
+    settings.ensure_dirs()
+    uvicorn.run("api.main:app", host=host, port=port, log_level=settings.log_level.lower())
+
+
+@app.command()
+def up(
+    inbox: Annotated[Optional[Path], typer.Option(help="Folder to watch (default CXR_INBOX, ./inbox).")] = None,
+    port: Annotated[int, typer.Option(help="API port.")] = 8000,
+    host: Annotated[str, typer.Option(help="API bind address.")] = "127.0.0.1",
+    concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+) -> None:
+    """Everything on one machine: migrate, then run the API, the watcher and a worker.
+
+    With no configuration this uses SQLite and a serverless (filesystem) Celery transport
+    under CXR_HOME (./var). Ctrl-C stops all three cleanly.
+    """
+    require_bundle()
+    settings = get_settings()
+    if inbox is not None:
+        settings.inbox = inbox.resolve()
+    settings.ensure_dirs()
+    db_upgrade("head")
+    env = {**os.environ, "CXR_HOME": str(settings.home), "CXR_INBOX": str(settings.inbox),
+           "CXR_DATABASE_URL": settings.database_url, "CXR_BROKER_URL": settings.broker_url}
+    ckpt = settings.resolved_checkpoint()
+    env["CXR_CHECKPOINT"] = str(ckpt)
+    base = [sys.executable, "-m", "cxr"]
+    commands = {
+        "worker": base + ["worker", "--concurrency", str(concurrency)],
+        "watcher": base + ["watch"],
+        "api": base + ["api", "--host", host, "--port", str(port)],
+    }
+    procs = {name: subprocess.Popen(cmd, env=env, start_new_session=True) for name, cmd in commands.items()}
+    typer.echo(f"cxr up: API http://{host}:{port}/docs, inbox {settings.inbox}, data {settings.home}", err=True)
+    typer.echo(DISCLAIMER, err=True)
+    stop = _stop_on_signals()
+    exited = None
+    while not stop.is_set() and exited is None:
+        exited = next((n for n, p in procs.items() if p.poll() is not None), None)
+        stop.wait(0.5)
+    if exited:
+        log.error("%s exited with code %s; stopping the others", exited, procs[exited].returncode)
+    for p in procs.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    for name, p in procs.items():
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in time; killing it", name)
+            p.kill()
+    raise typer.Exit(1 if exited else 0)
+
+
+def iter_inputs(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        else:
+            files.append(p)
+    return files
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders (searched recursively).")],
+    format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.table,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Model bundle (default CXR_CHECKPOINT).")] = None,
+    heatmaps: Annotated[Optional[Path], typer.Option(help="Also write Grad-CAM heatmap PNGs into this folder.")] = None,
+) -> None:
+    """Score files directly, in-process: no database, no broker, no services.
+
+    Uses exactly the decode, preprocess and infer code the worker uses. A file that cannot
+    be read gets status 'failed' and a reason; it never stops the run. Exits non-zero only
+    when nothing could be scored.
+    """
+    from tqdm import tqdm
+
+    from cxr.output import render
+    from worker.screening.model import load_bundle
+    from worker.screening.pipeline import Screener
+
+    settings = get_settings()
+    bundle = require_bundle(checkpoint)
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    screener = Screener(load_bundle(bundle, device=settings.device), max_pixels=settings.max_image_pixels)
+    files = iter_inputs(paths)
+    rows = []
+    for i, f in enumerate(tqdm(files, desc="screening", unit="file", disable=len(files) < 5, file=sys.stderr)):
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            rows.append({"path": str(f), "status": "failed", "predicted_class": None, "probabilities": None,
+                         "heatmap_path": None, "error": f"unreadable: {e.strerror}"})
+            continue
+        heat = heatmaps / f"{i:05d}-{f.stem}.png" if heatmaps else None
+        out = screener.screen(data, heatmap_to=heat)
+        rows.append({"path": str(f), "status": out.status, "predicted_class": out.predicted_class,
+                     "probabilities": out.probabilities, "flagged": out.flagged, "heatmap_path": out.heatmap_path,
+                     "error": out.error})
+    typer.echo(render(rows, fmt=format.value,
+                      columns=("path", "status", "predicted_class", "flagged", "probabilities", "error")))
+    typer.echo(DISCLAIMER, err=True)
+    if not any(r["status"] == "done" for r in rows):
+        raise typer.Exit(1)
+
+
+@app.command()
+def worklist(
+    format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.table,
+    status: Annotated[Optional[str], typer.Option(help="Only this status: queued, processing, done, failed, rejected.")] = None,
+    since: Annotated[Optional[datetime], typer.Option(help="Only studies received at or after this ISO time (UTC if no zone).")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many rows (0 = all).")] = 100,
+) -> None:
+    """Studies from the database for review: flagged and highest-risk first, then pending,
+    then failed and rejected ones."""
+    from cxr.db import repo
+    from cxr.db.session import session_scope
+    from cxr.output import render
+
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=timezone.utc)
+    settings = get_settings()
+    with session_scope(settings.database_url) as session:
+        rows = [repo.study_summary(r.study, r.result)
+                for r in repo.worklist(session, status=status, since=since, limit=limit or None)]
+    typer.echo(render(rows, fmt=format.value, columns=(
+        "study_id", "filename", "status", "flagged", "predicted_class", "risk", "probabilities", "error")))
+    typer.echo(DISCLAIMER, err=True)

@@ -1,0 +1,52 @@
+"""Engine and session factory built from the settings' database URL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+
+def make_engine(database_url: str) -> Engine:
+    if database_url.startswith("sqlite"):
+        # Several processes (API, watcher, workers) share one SQLite file: WAL lets
+        # readers run beside the writer, and busy_timeout waits instead of failing.
+        engine = create_engine(database_url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_engine(database_url, pool_pre_ping=True)
+
+
+@lru_cache
+def _sessionmaker(database_url: str) -> sessionmaker[Session]:
+    return sessionmaker(make_engine(database_url), expire_on_commit=False)
+
+
+def session_factory(database_url: str) -> sessionmaker[Session]:
+    """One engine and session factory per URL per process."""
+    return _sessionmaker(database_url)
+
+
+@contextmanager
+def session_scope(database_url: str) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    session = session_factory(database_url)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()

@@ -1,0 +1,53 @@
+"""The Celery application object, configured from settings. No task code and no torch here,
+so the API can enqueue by task name without importing the model."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+
+from cxr.settings import Settings, get_settings
+
+SCREEN_TASK = "cxr.screen_study"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("cxr", broker=settings.broker_url)
+    conf: dict = dict(
+        task_default_queue=settings.queue,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        broker_connection_timeout=5,
+    )
+    if settings.uses_filesystem_broker:
+        settings.ensure_dirs()
+        queue_dir = str(settings.broker_dir / "queue")
+        conf["broker_transport_options"] = {
+            "data_folder_in": queue_dir,
+            "data_folder_out": queue_dir,
+            "processed_folder": str(settings.broker_dir / "processed"),
+            "control_folder": str(settings.broker_dir / "control"),
+            "store_processed": False,
+            "polling_interval": settings.broker_poll_seconds,
+        }
+    elif settings.broker_url.startswith(("redis://", "rediss://")):
+        # Redelivery after a lost worker happens after this; keep it well above a batch.
+        conf["broker_transport_options"] = {"visibility_timeout": 3600}
+    app.conf.update(conf)
+    return app
+
+
+@lru_cache
+def get_celery() -> Celery:
+    return make_celery(get_settings())
+
+
+def enqueue_study(app: Celery, study_id: str) -> None:
+    app.send_task(SCREEN_TASK, args=[study_id])

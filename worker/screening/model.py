@@ -1,0 +1,101 @@
+"""The one place the network is built, saved and loaded.
+
+The network is a timm backbone (any timm name; ``efficientnet_b0`` is the seed's) with
+the seed's head. Everything needed to rebuild it travels in the bundle's metadata, so a
+worker never relies on constants.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cxr.bundle import META_KEY, BundleError, BundleMeta, HeadSpec, file_sha256, read_meta
+
+log = logging.getLogger(__name__)
+
+
+def make_head(num_features: int, num_classes: int, spec: HeadSpec) -> nn.Sequential:
+    return nn.Sequential(
+        nn.BatchNorm1d(num_features),
+        nn.Dropout(spec.dropout1),
+        nn.Linear(num_features, spec.hidden),
+        nn.ReLU(inplace=True),
+        nn.BatchNorm1d(spec.hidden),
+        nn.Dropout(spec.dropout2),
+        nn.Linear(spec.hidden, num_classes),
+    )
+
+
+class CxrNet(nn.Module):
+    """timm backbone (pooled features) followed by the seed's head."""
+
+    def __init__(self, meta: BundleMeta, *, pretrained: bool = False) -> None:
+        super().__init__()
+        self.backbone = timm.create_model(
+            meta.architecture, pretrained=pretrained, num_classes=0, in_chans=meta.in_chans
+        )
+        self.head = make_head(self.backbone.num_features, len(meta.classes), meta.head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def cam_target_layer(self) -> nn.Module:
+        """The last convolution: ``conv_head`` where the backbone has one, else its last block."""
+        if hasattr(self.backbone, "conv_head"):
+            return self.backbone.conv_head
+        return self.backbone.blocks[-1]
+
+
+def build_model(meta: BundleMeta, *, pretrained: bool = False) -> CxrNet:
+    return CxrNet(meta, pretrained=pretrained)
+
+
+def save_bundle(path: Path, model: CxrNet, meta: BundleMeta, *, half: bool = False) -> Path:
+    """Write weights and metadata to one safetensors file (atomically)."""
+    if not meta.created_at:
+        meta = replace(meta, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    tensors = {}
+    for k, v in model.state_dict().items():
+        t = v.detach().to("cpu")
+        if half and t.is_floating_point():
+            t = t.half()
+        tensors[k] = t.contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata={META_KEY: meta.to_json()})
+    tmp.replace(path)
+    return path
+
+
+@dataclass
+class LoadedModel:
+    model: CxrNet
+    meta: BundleMeta
+    sha256: str
+    path: Path
+    device: torch.device
+
+
+def load_bundle(path: Path, *, device: str = "cpu") -> LoadedModel:
+    """Rebuild the network from a bundle and load its weights (strict)."""
+    meta = read_meta(path)
+    model = build_model(meta, pretrained=False)
+    state = load_file(str(path))
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
+    except RuntimeError as e:
+        raise BundleError(f"{path}: weights do not match architecture {meta.architecture!r}: {e}") from e
+    dev = torch.device(device)
+    model.to(dev).eval()
+    sha = file_sha256(path)
+    log.info("loaded model bundle %s (%s, version %s, sha256 %s) on %s", path.name, meta.architecture,
+             meta.version, sha[:12], dev)
+    return LoadedModel(model=model, meta=meta, sha256=sha, path=path, device=dev)

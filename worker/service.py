@@ -1,0 +1,114 @@
+"""Screen one stored study: the glue between the database and the screening core.
+
+Plain functions, called by the Celery task; testable without Celery.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from functools import lru_cache
+from pathlib import Path
+
+from cxr.bundle import NO_BUNDLE_HELP, BundleError
+from cxr.db import repo
+from cxr.db.models import StudyStatus
+from cxr.db.session import session_scope
+from cxr.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class NoBundleError(RuntimeError):
+    pass
+
+
+@lru_cache(maxsize=1)
+def _screener(checkpoint: str, device: str, torch_threads: int, max_pixels: int):
+    import torch
+
+    from worker.screening.model import load_bundle
+    from worker.screening.pipeline import Screener
+
+    torch.set_num_threads(torch_threads)
+    return Screener(load_bundle(Path(checkpoint), device=device), max_pixels=max_pixels)
+
+
+def get_screener(settings: Settings):
+    """The process's screener, loaded on first use (never at import, never before a fork)."""
+    ckpt = settings.resolved_checkpoint()
+    if ckpt is None:
+        raise NoBundleError(NO_BUNDLE_HELP)
+    return _screener(str(ckpt), settings.device, settings.torch_threads, settings.max_image_pixels)
+
+
+@lru_cache(maxsize=4)
+def _model_version_id(database_url: str, sha256: str, architecture: str, classes: tuple[str, ...], version: str) -> int:
+    with session_scope(database_url) as session:
+        mv = repo.ensure_model_version(
+            session, checkpoint_sha256=sha256, architecture=architecture, class_names=list(classes), version=version
+        )
+        return mv.id
+
+
+def process_study(settings: Settings, study_id: uuid.UUID) -> str:
+    """Screen a study once. Idempotent: a study already done for this model is left alone.
+
+    Returns what happened: 'done', 'failed', 'already-done', 'not-claimable' or 'missing'.
+    """
+    screener = get_screener(settings)
+    loaded = screener.loaded
+    mv_id = _model_version_id(
+        settings.database_url, loaded.sha256, loaded.meta.architecture, tuple(loaded.meta.classes), loaded.meta.version
+    )
+    with session_scope(settings.database_url) as session:
+        study = repo.get_study(session, study_id=study_id)
+        if study is None:
+            log.warning("study %s not found; dropping task", study_id)
+            return "missing"
+        if repo.has_result(session, study_id=study_id, model_version_id=mv_id):
+            if study.status != StudyStatus.done.value:
+                repo.mark_study(session, study_id=study_id, status=StudyStatus.done, error=None)
+            return "already-done"
+        if not repo.claim_study(session, study_id=study_id):
+            log.info("study %s is %s; not screening it again", study_id, study.status)
+            return "not-claimable"
+        stored_path = Path(study.stored_path)
+
+    try:
+        data = stored_path.read_bytes()
+    except OSError as e:
+        outcome_error = f"unreadable: stored file cannot be read ({e.strerror})"
+        with session_scope(settings.database_url) as session:
+            repo.mark_study(session, study_id=study_id, status=StudyStatus.failed, error=outcome_error)
+        log.error("study %s failed: %s", study_id, outcome_error)
+        return "failed"
+
+    heatmap_to = settings.heatmap_dir / f"{study_id}.png" if settings.heatmaps else None
+    outcome = screener.screen(data, heatmap_to=heatmap_to)
+    with session_scope(settings.database_url) as session:
+        if outcome.status == "done":
+            repo.record_result(
+                session,
+                study_id=study_id,
+                model_version_id=mv_id,
+                probabilities=outcome.probabilities,
+                predicted_class=outcome.predicted_class,
+                risk=outcome.risk,
+                flagged=outcome.flagged,
+                heatmap_path=outcome.heatmap_path,
+                timings_ms=outcome.timings_ms,
+            )
+        else:
+            repo.mark_study(session, study_id=study_id, status=StudyStatus.failed, error=outcome.error)
+    log.info("study %s %s%s", study_id, outcome.status, f" ({outcome.error})" if outcome.error else
+             f": {outcome.predicted_class} {outcome.timings_ms}")
+    return outcome.status
+
+
+def fail_study(settings: Settings, study_id: uuid.UUID, error: str) -> None:
+    with session_scope(settings.database_url) as session:
+        repo.mark_study(session, study_id=study_id, status=StudyStatus.failed, error=error)
+
+
+__all__ = ["BundleError", "NoBundleError", "fail_study", "get_screener", "process_study"]

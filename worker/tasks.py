@@ -1,0 +1,25 @@
+"""Celery tasks: thin adapters that take study ids, never pixels."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from cxr.queue import SCREEN_TASK, get_celery
+from cxr.settings import get_settings
+from worker.service import fail_study, process_study
+
+log = logging.getLogger(__name__)
+app = get_celery()
+
+
+@app.task(name=SCREEN_TASK, acks_late=True, ignore_result=True)
+def screen_study(study_id: str) -> str:
+    settings = get_settings()
+    sid = uuid.UUID(study_id)
+    try:
+        return process_study(settings, sid)
+    except Exception as e:  # recorded on the study and logged with its traceback, then re-raised
+        log.exception("study %s: unexpected error", study_id)
+        fail_study(settings, sid, f"internal_error: {type(e).__name__}: {e}")
+        raise
