@@ -65,7 +65,8 @@ def require_bundle(checkpoint: Path | None = None) -> Path:
     try:
         read_meta(path)
     except BundleError as e:
-        raise fail(f"cannot use model bundle: {e}")
+        hint = f"\n{NO_BUNDLE_HELP}" if not path.exists() else ""
+        raise fail(f"cannot use model bundle: {e}{hint}")
     return path
 
 
@@ -224,7 +225,7 @@ def predict(
     bundle = require_bundle(checkpoint)
     import torch
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(settings.torch_threads)
     screener = Screener(load_bundle(bundle, device=settings.device), max_pixels=settings.max_image_pixels)
     files = iter_inputs(paths)
     rows = []
