@@ -270,3 +270,12 @@ def worklist(
     typer.echo(render(rows, fmt=format.value, columns=(
         "study_id", "filename", "status", "flagged", "predicted_class", "risk", "probabilities", "error")))
     typer.echo(DISCLAIMER, err=True)
+
+
+def _register_trainer() -> None:
+    from trainer.cli import register
+
+    register(app)
+
+
+_register_trainer()

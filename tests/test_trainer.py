@@ -1,0 +1,184 @@
+"""Trainer: a short real training run on generated images, resume, weights mapping, metrics,
+calibration and the Kaggle archive normalisation (the download itself cannot run here)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
+
+from cxr.bundle import read_meta
+from tests.imagegen import chest_like, write_png
+from tests.stack import clean_env, cxr
+
+CLASSES = ["Normal", "Pneumonia", "Tuberculosis"]
+
+
+def make_dataset(root: Path, per_class: int = 20) -> Path:
+    """Class folders of generated 'films'; each class gets its own brightness pattern."""
+    from PIL import Image
+
+    for ci, c in enumerate(CLASSES):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            img = chest_like(96, seed=100 * ci + i).astype(np.float32)
+            img[:, : 32 * (ci + 1)] *= 0.6  # a crude class signal
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / c / f"{c}_{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from trainer.config import load_config
+    from trainer.train import train
+
+    tmp = tmp_path_factory.mktemp("train")
+    data = make_dataset(tmp / "data")
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "train_lite0.yaml", **{
+        "data.source": str(data), "out": str(tmp / "run"), "epochs": 2, "input_size": 64,
+    })
+    cfg.head_epochs, cfg.warmup_epochs, cfg.batch_size, cfg.threads = 1, 1, 16, 1
+    cfg.target_sensitivity = {"Tuberculosis": 0.9}
+    return cfg, train(cfg)
+
+
+def test_training_writes_a_bundle_the_worker_loads(trained):
+    cfg, bundle = trained
+    from worker.screening.model import load_bundle
+
+    loaded = load_bundle(bundle)
+    meta = loaded.meta
+    assert meta.architecture == "tf_efficientnet_lite0" and meta.input_size == 64 and meta.classes == CLASSES
+    assert meta.temperature > 0 and set(meta.thresholds) == {"Tuberculosis"}
+    assert len(meta.extra["data_fingerprint"]) == 64 and len(meta.extra["history"]) == 2
+    assert meta.extra["train_config"]["epochs"] == 2
+    out = Path(cfg.out)
+    assert (out / "config.yaml").exists() and (out / "test.csv").exists()
+    # No group (file) appears in two splits.
+    rows = list(csv.DictReader((out / "splits.csv").open()))
+    split_of = {}
+    for r in rows:
+        assert split_of.setdefault(r["group"], r["split"]) == r["split"]
+
+
+def test_predict_matches_trainer_evaluation(trained, tmp_path):
+    cfg, bundle = trained
+    from trainer.config import DataConfig
+    from trainer.evaluate import evaluate
+
+    m = evaluate(bundle, DataConfig(source=str(Path(cfg.out) / "test.csv")), tmp_path / "eval", bootstrap=50,
+                 cam_per_class=1)
+    for name in ("metrics.json", "roc.png", "confusion.png", "calibration.png", "gradcam_grid.png", "summary.md"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0, name
+    assert m["data"]["n_scored"] == m["n"] > 0 and "operating_points" in m
+    evaluated = {}
+    with (tmp_path / "eval" / "predictions.csv").open() as f:
+        for r in csv.DictReader(f):
+            evaluated[Path(r["path"]).name] = [float(r[f"p_{c}"]) for c in CLASSES]
+    paths = [r["path"] for r in csv.DictReader((Path(cfg.out) / "test.csv").open())]
+    out = cxr("predict", "--format", "json", "--checkpoint", str(bundle), *paths, env=clean_env())
+    for p in json.loads(out.stdout):
+        got = [p["probabilities"][c] for c in CLASSES]
+        assert np.allclose(got, evaluated[Path(p["path"]).name], atol=2e-6), p["path"]
+
+
+def test_resume_continues_from_last_checkpoint(trained, tmp_path):
+    from dataclasses import replace
+
+    from trainer.train import train
+
+    cfg, _ = trained
+    cfg2 = replace(cfg, epochs=3, out=str(tmp_path / "resumed"))
+    bundle = train(cfg2, resume=Path(cfg.out) / "last.pt")
+    history = read_meta(bundle).extra["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_lite0_imagenet_weights_map_strictly():
+    import timm
+
+    from trainer.pretrained import lite0_state_dict, load_lite0_backbone, rename_lite0_key
+
+    assert rename_lite0_key("_blocks.15._project_conv.weight") == "blocks.6.0.conv_pwl.weight"
+    assert rename_lite0_key("_blocks.0._depthwise_conv.weight") == "blocks.0.0.conv_dw.weight"
+    assert rename_lite0_key("_fc.weight") is None
+    for chans in (1, 3):
+        backbone = timm.create_model("tf_efficientnet_lite0", num_classes=0, in_chans=chans)
+        load_lite0_backbone(backbone, chans)  # strict=True inside: every key must match
+        assert backbone.conv_stem.weight.shape[1] == chans
+    sd = lite0_state_dict(1)
+    assert sd["conv_stem.weight"].abs().sum() > 0
+
+
+def test_metrics_agree_with_scikit_learn():
+    from trainer.metrics import classification_metrics, ece
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    logits = rng.normal(size=(300, 3)) + np.eye(3)[y] * 1.5
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    m = classification_metrics(y, probs, CLASSES, thresholds={"Tuberculosis": 0.4}, bootstrap=200)
+    pred = probs.argmax(1)
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["confusion_matrix"] == confusion_matrix(y, pred).tolist()
+    for c, name in enumerate(CLASSES):
+        assert m["per_class"][name]["auc"] == pytest.approx(roc_auc_score(y == c, probs[:, c]))
+        assert m["per_class"][name]["f1"] == pytest.approx(f1_score(y == c, pred == c))
+        lo, hi = m["per_class"][name]["auc_ci95"]
+        assert lo < m["per_class"][name]["auc"] < hi
+    assert m["macro_auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    tb = m["operating_points"]["Tuberculosis"]
+    assert tb["sensitivity"] == pytest.approx(((probs[:, 2] >= 0.4) & (y == 2)).sum() / (y == 2).sum())
+    # ECE by hand for a perfectly calibrated toy: confidence 0.75 and 75% correct.
+    yy = np.array([0, 0, 0, 1])
+    pp = np.tile([0.75, 0.25, 0.0], (4, 1))
+    assert ece(yy, pp) == pytest.approx(0.0)
+
+
+def test_temperature_and_operating_point():
+    from trainer.calibrate import fit_temperature, nll, threshold_for_sensitivity
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 500)
+    logits = (rng.normal(size=(500, 3)) + np.eye(3)[y] * 2) * 4  # over-confident
+    t = fit_temperature(logits, y)
+    assert t > 1.5 and nll(logits, y, t) < nll(logits, y, 1.0)
+    scores = np.linspace(0.01, 1, 100)
+    thr = threshold_for_sensitivity(scores, 0.9)
+    assert (scores >= thr).mean() >= 0.9 and (scores > thr).mean() < 0.9
+
+
+def test_kaggle_archive_normalisation(tmp_path):
+    from trainer.download import DownloadError, normalise_archive
+
+    png = write_png(tmp_path / "x.png").read_bytes()
+    archive = tmp_path / "ds.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("chest_xray/train/NORMAL/a.jpeg", png)
+        z.writestr("chest_xray/test/PNEUMONIA/b.png", write_png(tmp_path / "y.png", seed=2).read_bytes())
+        z.writestr("chest_xray/val/PNEUMONIA/b_copy.png", write_png(tmp_path / "y.png", seed=2).read_bytes())
+        z.writestr("TB_Chest_Radiography_Database/Tuberculosis/Tuberculosis-1.png",
+                   write_png(tmp_path / "z.png", seed=3).read_bytes())
+        z.writestr("chest_xray/README.md.txt", "not an image")
+        z.writestr("__MACOSX/chest_xray/train/NORMAL/._a.jpeg", "junk")
+    counts = normalise_archive(archive, tmp_path / "out", CLASSES)
+    assert counts == {"Normal": 1, "Pneumonia": 1, "Tuberculosis": 1}
+    assert sorted(p.parent.name for p in (tmp_path / "out").rglob("*.*")) == CLASSES
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("../Normal/evil.png", png)
+    with pytest.raises(DownloadError, match="unsafe path"):
+        normalise_archive(bad, tmp_path / "out2", CLASSES)
+
+
+def test_download_without_credentials_says_what_to_do(tmp_path):
+    env = clean_env(HOME=str(tmp_path))
+    env.pop("KAGGLE_USERNAME", None)
+    env.pop("KAGGLE_KEY", None)
+    out = cxr("download", "--dest", str(tmp_path / "raw"), env=env, check=False)
+    assert out.returncode == 2 and "KAGGLE_USERNAME" in out.stderr and "kaggle.json" in out.stderr

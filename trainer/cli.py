@@ -1,0 +1,93 @@
+"""Trainer commands, registered on the ``cxr`` command line (and ``python -m trainer``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+log = logging.getLogger("cxr.trainer")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_cmd)
+    app.command("evaluate")(evaluate_cmd)
+    app.command("download")(download_cmd)
+
+
+def train_cmd(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Override data.source: a CSV or a folder per class.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Override the output folder.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Override the number of epochs.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Resume from a last.pt checkpoint.")] = None,
+) -> None:
+    """Train a model and write a bundle (`<out>/model.safetensors`) the workers can load.
+
+    The recipe (architecture, progressive unfreezing, AdamW, warm-up + cosine, label
+    smoothing, class weights, early stopping on validation macro AUC, augmentation) is all in
+    the YAML config. Images are decoded by the worker's own code. The split is by patient or
+    duplicate group, never by image; the held-out test split is written to `<out>/test.csv`
+    for `cxr evaluate`. After training, a temperature and per-class operating points are
+    fitted on the validation split and stored in the bundle.
+    """
+    from trainer.config import load_config
+    from trainer.train import train
+
+    cfg = load_config(config, **{"data.source": data, "out": out, "epochs": epochs})
+    if not cfg.data.source:
+        raise typer.BadParameter("no training data: set data.source in the config or pass --data")
+    bundle = train(cfg, resume=resume)
+    typer.echo(str(bundle))
+
+
+def evaluate_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="Bundle to evaluate.")],
+    data: Annotated[str, typer.Option(help="A CSV (path,label[,patient_id][,source]) or a folder per class.")],
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/eval"),
+    source_column: Annotated[str, typer.Option(help="CSV column for the per-source breakdown.")] = "source",
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the AUC CIs (0 = none).")] = 1000,
+) -> None:
+    """Evaluate a bundle: metrics.json (accuracy, per-class precision/recall/F1/AUC with
+    bootstrap 95% CIs, macro AUC, confusion matrix, ECE, sensitivity/specificity at the
+    bundle's operating points, per-source breakdown), roc.png, confusion.png,
+    calibration.png, gradcam_grid.png and summary.md."""
+    from trainer.config import DataConfig
+    from trainer.evaluate import evaluate
+
+    m = evaluate(checkpoint, DataConfig(source=data, source_column=source_column), out, bootstrap=bootstrap)
+    typer.echo((out / "summary.md").read_text())
+    log.info("accuracy %.4f, macro AUC %.4f, ECE %.4f -> %s", m["accuracy"], m["macro_auc"], m["ece"], out)
+
+
+DEFAULT_DATASETS = [
+    "paultimothymooney/chest-xray-pneumonia",  # Kermany et al. 2018, paediatric, NORMAL/PNEUMONIA, CC BY 4.0
+    "tawsifurrahman/tuberculosis-tb-chest-xray-dataset",  # Rahman et al. 2020, Normal/Tuberculosis
+]
+
+
+def download_cmd(
+    dataset: Annotated[Optional[list[str]], typer.Option(help="Kaggle dataset OWNER/SLUG; repeat for several.")] = None,
+    dest: Annotated[Path, typer.Option(help="Where the DEST/ClassName/ folders are written.")] = Path("data/raw"),
+) -> None:
+    """Download Kaggle datasets and normalise them into DEST/ClassName/ image folders.
+
+    Default: the Kermany paediatric pneumonia set and the TB Chest X-ray Database. Any
+    archive whose folders are named after the classes (any case) works. Credentials come
+    from KAGGLE_USERNAME/KAGGLE_KEY or ~/.kaggle/kaggle.json. Then: `cxr train --data DEST`.
+    """
+    from cxr import CLASS_NAMES_DEFAULT
+    from trainer.download import DownloadError, download
+
+    totals = {c: 0 for c in CLASS_NAMES_DEFAULT}
+    for slug in dataset or DEFAULT_DATASETS:
+        try:
+            counts = download(slug, dest, list(CLASS_NAMES_DEFAULT))
+        except DownloadError as e:
+            typer.secho(str(e), err=True, fg=typer.colors.RED)
+            raise typer.Exit(2)
+        for c, n in counts.items():
+            totals[c] += n
+    typer.echo(" ".join(f"{c}={n}" for c, n in totals.items()) + f" -> {dest}")

@@ -1,0 +1,205 @@
+"""Evaluate a bundle on a labelled set: metrics.json, plots, a Grad-CAM grid, summary.md.
+
+Inference goes through the worker's own Screener inputs (decode -> preprocess -> infer),
+so the numbers describe what the service will do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from cxr import DISCLAIMER  # noqa: E402
+from trainer.config import DataConfig  # noqa: E402
+from trainer.data import Sample, read_samples  # noqa: E402
+from trainer.metrics import classification_metrics  # noqa: E402
+from worker.screening.decode import ImageDecodeError  # noqa: E402
+from worker.screening.explain import gradcam, render_overlay  # noqa: E402
+from worker.screening.infer import infer  # noqa: E402
+from worker.screening.model import LoadedModel, load_bundle  # noqa: E402
+from worker.screening.pipeline import model_input  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def score(loaded: LoadedModel, samples: list[Sample], *, batch: int = 32) -> tuple[np.ndarray, list[Sample]]:
+    """Probabilities for every readable sample, batched, with the worker's decode/preprocess/infer."""
+    meta = loaded.meta
+    probs, kept, xs = [], [], []
+    for s in tqdm(samples, desc="scoring", unit="img", leave=False):
+        try:
+            _, x, _ = model_input(s.path.read_bytes(), meta, max_pixels=80_000_000)
+        except (ImageDecodeError, OSError) as e:
+            log.warning("skipping %s: %s", s.path.name, e)
+            continue
+        xs.append(x)
+        kept.append(s)
+        if len(xs) == batch:
+            probs.append(infer(loaded.model, np.stack(xs), temperature=meta.temperature))
+            xs = []
+    if xs:
+        probs.append(infer(loaded.model, np.stack(xs), temperature=meta.temperature))
+    return np.concatenate(probs), kept
+
+
+def evaluate(checkpoint: Path, data: DataConfig, out: Path, *, bootstrap: int = 1000, cam_per_class: int = 3) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_bundle(checkpoint)
+    classes = loaded.meta.classes
+    samples = read_samples(data, classes)
+    probs, kept = score(loaded, samples)
+    y = np.array([s.label for s in kept])
+    metrics = classification_metrics(y, probs, classes, thresholds=loaded.meta.thresholds or None,
+                                     bootstrap=bootstrap)
+    metrics["checkpoint"] = {"path": str(checkpoint), "sha256": loaded.sha256, "version": loaded.meta.version,
+                             "architecture": loaded.meta.architecture, "temperature": loaded.meta.temperature}
+    metrics["data"] = {"source": data.source, "n_listed": len(samples), "n_scored": len(kept)}
+    by_source: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(kept):
+        by_source[s.source].append(i)
+    metrics["per_source"] = {
+        src: classification_metrics(y[idx], probs[idx], classes, thresholds=loaded.meta.thresholds or None,
+                                    bootstrap=0)
+        for src, idx in sorted(by_source.items())
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "predictions.csv").write_text(
+        "path,label,source," + ",".join(f"p_{c}" for c in classes) + "\n"
+        + "".join(f"{s.path},{classes[s.label]},{s.source}," + ",".join(f"{p:.6f}" for p in probs[i]) + "\n"
+                  for i, s in enumerate(kept)))
+    plot_roc(y, probs, classes, metrics, out / "roc.png")
+    plot_confusion(np.array(metrics["confusion_matrix"]), classes, out / "confusion.png")
+    plot_calibration(y, probs, out / "calibration.png", metrics["ece"])
+    gradcam_grid(loaded, kept, y, probs, out / "gradcam_grid.png", per_class=cam_per_class)
+    (out / "summary.md").write_text(summary_markdown(metrics, classes))
+    return metrics
+
+
+def plot_roc(y, probs, classes, metrics, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for c, name in enumerate(classes):
+        if (y == c).any() and (y != c).any():
+            fpr, tpr, _ = roc_curve(y == c, probs[:, c])
+            ax.plot(fpr, tpr, label=f"{name} (AUC {metrics['per_class'][name]['auc']:.3f})")
+    for name, op in (metrics.get("operating_points") or {}).items():
+        ax.plot(1 - op["specificity"], op["sensitivity"], "o", color="black")
+        ax.annotate(f"{name} op", (1 - op["specificity"], op["sensitivity"]), textcoords="offset points",
+                    xytext=(6, -10), fontsize=8)
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC, one vs rest (macro AUC {metrics['macro_auc']:.3f})")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_confusion(cm: np.ndarray, classes, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="true", title="Confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_calibration(y, probs, path: Path, ece_value: float, bins: int = 10) -> None:
+    conf, correct = probs.max(axis=1), (probs.argmax(axis=1) == y)
+    edges = np.linspace(0, 1, bins + 1)
+    mids, accs, counts = [], [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            mids.append(conf[m].mean())
+            accs.append(correct[m].mean())
+            counts.append(m.sum())
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=0.8, label="perfect calibration")
+    ax.plot(mids, accs, "o-", label="model")
+    for x, a, n in zip(mids, accs, counts):
+        ax.annotate(str(n), (x, a), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set(xlabel="confidence (top class)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+           title=f"Reliability diagram (ECE {ece_value:.3f})")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def gradcam_grid(loaded: LoadedModel, samples, y, probs, path: Path, *, per_class: int) -> None:
+    """For each class: the most confident correct cases and the most confident wrong ones."""
+    classes = loaded.meta.classes
+    pred = probs.argmax(axis=1)
+    rows = []
+    for c, name in enumerate(classes):
+        right = [i for i in np.argsort(-probs[:, c]) if y[i] == c and pred[i] == c][:per_class]
+        wrong = [i for i in np.argsort(-probs.max(axis=1)) if y[i] == c and pred[i] != c][:per_class]
+        rows.append((name, right, wrong))
+    cols = 2 * per_class
+    fig, axes = plt.subplots(len(classes), cols, figsize=(2.2 * cols, 2.5 * len(classes)), squeeze=False)
+    for r, (name, right, wrong) in enumerate(rows):
+        for k in range(cols):
+            ax = axes[r][k]
+            ax.axis("off")
+            group, j = (right, k) if k < per_class else (wrong, k - per_class)
+            if j >= len(group):
+                continue
+            i = group[j]
+            pixels, x, _ = model_input(samples[i].path.read_bytes(), loaded.meta, max_pixels=80_000_000)
+            cam = gradcam(loaded.model, x, target_class=int(pred[i]))
+            ax.imshow(np.asarray(render_overlay(pixels, cam)))
+            ok = "correct" if group is right else "WRONG"
+            ax.set_title(f"{name}: {ok}\npred {classes[pred[i]]} {probs[i].max():.2f}", fontsize=7,
+                         color="black" if group is right else "red")
+    fig.suptitle("Grad-CAM: where the model looks (left: correct, right: wrong). " + DISCLAIMER, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fmt_ci(ci: list[float] | None) -> str:
+    return f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else ""
+
+
+def summary_markdown(m: dict[str, Any], classes: list[str]) -> str:
+    lines = [
+        "# Evaluation summary", "",
+        f"> {DISCLAIMER}", "",
+        f"- checkpoint: `{m['checkpoint']['path']}` (sha256 `{m['checkpoint']['sha256'][:12]}`, "
+        f"{m['checkpoint']['architecture']}, temperature {m['checkpoint']['temperature']:.3f})",
+        f"- data: `{m['data']['source']}`, {m['data']['n_scored']} images scored of {m['data']['n_listed']}", "",
+        "| metric | value |", "|---|---|",
+        f"| accuracy | {m['accuracy']:.3f} |",
+        f"| macro AUC (95% CI) | {m['macro_auc']:.3f}{fmt_ci(m.get('macro_auc_ci95'))} |",
+        f"| ECE | {m['ece']:.3f} |", "",
+        "| class | precision | recall | F1 | AUC (95% CI) | support |", "|---|---|---|---|---|---|",
+    ]
+    for c in classes:
+        p = m["per_class"][c]
+        lines.append(f"| {c} | {p['precision']:.3f} | {p['recall']:.3f} | {p['f1']:.3f} | "
+                     f"{p['auc']:.3f}{fmt_ci(p.get('auc_ci95'))} | {p['support']} |")
+    if m.get("operating_points"):
+        lines += ["", "| operating point | threshold | sensitivity | specificity |", "|---|---|---|---|"]
+        for c, op in m["operating_points"].items():
+            lines.append(f"| {c} | {op['threshold']:.3f} | {op['sensitivity']:.3f} | {op['specificity']:.3f} |")
+    lines += ["", "## Per source", "", "| source | n | accuracy | macro AUC |", "|---|---|---|---|"]
+    for src, sm in m["per_source"].items():
+        lines.append(f"| {src} | {sm['n']} | {sm['accuracy']:.3f} | {sm['macro_auc']:.3f} |")
+    lines += ["", "![ROC](roc.png) ![Confusion](confusion.png) ![Calibration](calibration.png)", "",
+              "![Grad-CAM](gradcam_grid.png)", ""]
+    return "\n".join(lines)
