@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import uuid
 
+from celery.signals import worker_process_init
+
 from cxr.queue import SCREEN_TASK, get_celery
 from cxr.settings import get_settings
-from worker.service import fail_study, process_study
+from worker.service import fail_study, get_screener, process_study
 
 log = logging.getLogger(__name__)
 app = get_celery()
@@ -23,3 +25,17 @@ def screen_study(study_id: str) -> str:
         log.exception("study %s: unexpected error", study_id)
         fail_study(settings, sid, f"internal_error: {type(e).__name__}: {e}")
         raise
+
+
+def warm_up() -> None:
+    """Load the model in the process that will use it, so the first study does not wait.
+
+    Runs after the fork (prefork children) or in the solo worker itself: never at import
+    time, never in a parent that forks afterwards (so no CUDA before a fork)."""
+    get_screener(get_settings())
+
+
+@worker_process_init.connect  # sent in each prefork child, and once by the solo pool
+def _warm(**_: object) -> None:
+    warm_up()
+
