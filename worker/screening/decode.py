@@ -195,25 +195,27 @@ def _raster_pixels(img: Image.Image, *, kind: str) -> np.ndarray:
 # DICOM --------------------------------------------------------------------------------
 
 
-# Transfer syntaxes screened, and the packages that decode them (pip names).
-JPEG_CODECS = "pylibjpeg with pylibjpeg-libjpeg, or python-gdcm"
+# Transfer syntaxes screened, and what to install to decode them.
+_LJ = "pip install pylibjpeg pylibjpeg-libjpeg (or python-gdcm)"
+_JLS = "pip install pylibjpeg pylibjpeg-libjpeg (or pyjpegls, or python-gdcm)"
+_J2K = "pip install pylibjpeg pylibjpeg-openjpeg (or python-gdcm)"
 SUPPORTED_SYNTAXES: dict[str, str] = {
     "1.2.840.10008.1.2": "built in",  # Implicit VR Little Endian
     "1.2.840.10008.1.2.1": "built in",  # Explicit VR Little Endian
     "1.2.840.10008.1.2.1.99": "built in",  # Deflated Explicit VR Little Endian
     "1.2.840.10008.1.2.2": "built in",  # Explicit VR Big Endian (retired, still sent)
-    "1.2.840.10008.1.2.4.50": JPEG_CODECS + " (or Pillow for 8-bit)",  # JPEG Baseline
-    "1.2.840.10008.1.2.4.51": JPEG_CODECS,  # JPEG Extended (12-bit)
-    "1.2.840.10008.1.2.4.57": JPEG_CODECS,  # JPEG Lossless
-    "1.2.840.10008.1.2.4.70": JPEG_CODECS,  # JPEG Lossless SV1
-    "1.2.840.10008.1.2.4.80": "pylibjpeg with pylibjpeg-libjpeg, or pyjpegls, or python-gdcm",  # JPEG-LS
-    "1.2.840.10008.1.2.4.81": "pylibjpeg with pylibjpeg-libjpeg, or pyjpegls, or python-gdcm",  # JPEG-LS near
-    "1.2.840.10008.1.2.4.90": "pylibjpeg with pylibjpeg-openjpeg, or python-gdcm",  # JPEG 2000 lossless
-    "1.2.840.10008.1.2.4.91": "pylibjpeg with pylibjpeg-openjpeg, or python-gdcm",  # JPEG 2000
-    "1.2.840.10008.1.2.4.201": "pylibjpeg with pylibjpeg-openjpeg",  # HTJ2K lossless
-    "1.2.840.10008.1.2.4.202": "pylibjpeg with pylibjpeg-openjpeg",  # HTJ2K lossless RPCL
-    "1.2.840.10008.1.2.4.203": "pylibjpeg with pylibjpeg-openjpeg",  # HTJ2K
-    "1.2.840.10008.1.2.5": "built in (pylibjpeg-rle is faster)",  # RLE Lossless
+    "1.2.840.10008.1.2.4.50": _LJ,  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51": _LJ,  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.57": _LJ,  # JPEG Lossless (Process 14)
+    "1.2.840.10008.1.2.4.70": _LJ,  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80": _JLS,  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": _JLS,  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90": _J2K,  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91": _J2K,  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": "pip install pylibjpeg pylibjpeg-openjpeg",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202": "pip install pylibjpeg pylibjpeg-openjpeg",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203": "pip install pylibjpeg pylibjpeg-openjpeg",  # HTJ2K
+    "1.2.840.10008.1.2.5": "built in (pip install pylibjpeg-rle is faster)",  # RLE Lossless
 }
 
 
@@ -298,9 +300,9 @@ def _missing_codec(ds: Any, ts: Any) -> ImageDecodeError | None:
     missing = "; ".join(decoder.missing_dependencies) if decoder is not None else ""
     return ImageDecodeError(
         Code.codec_missing,
-        f"no decoder for transfer syntax {_syntax_name(ts)} is installed: pip install "
-        f"{SUPPORTED_SYNTAXES.get(str(ts), 'pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle')}"
-        f"{f' (pydicom reports: {missing})' if missing else ''}",
+        f"no decoder for transfer syntax {_syntax_name(ts)} is installed here; "
+        f"{SUPPORTED_SYNTAXES.get(str(ts), 'pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg')}, "
+        f"then restart the workers{f' (pydicom reports missing: {missing})' if missing else ''}",
     )
 
 
