@@ -154,7 +154,33 @@ def luminance(rgb: np.ndarray) -> np.ndarray:
 # PNG / JPEG -----------------------------------------------------------------------------
 
 
+def declared_size(data: bytes, kind: str) -> tuple[int, int] | None:
+    """(width, height) as the PNG IHDR or JPEG SOF marker declares it, read from the bytes
+    themselves so that a bomb is refused before any library looks at it. None if not found."""
+    if kind == "png":
+        if len(data) >= 24 and data[12:16] == b"IHDR":
+            return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        return None
+    i = 2
+    while i + 9 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
 def _open_raster(data: bytes, *, kind: str, max_pixels: int) -> Opened:
+    if (size := declared_size(data, kind)) is not None:
+        check_size(*size, max_pixels=max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
