@@ -149,7 +149,8 @@ def missing_encoder(key: str) -> str | None:
 
 
 def encode(ds: Dataset, key: str) -> bytes:
-    """``ds`` (uncompressed) written in transfer syntax ``key`` (see SYNTAXES). ``ds`` is not changed."""
+    """``ds`` (uncompressed) written in transfer syntax ``key`` (see SYNTAXES), keeping its SOP
+    Instance UID as a transcoding router does. ``ds`` is not changed."""
     s = SYNTAXES[key]
     ds = copy.deepcopy(ds)
     if key in ("explicit", "implicit", "deflated"):
@@ -163,13 +164,13 @@ def encode(ds: Dataset, key: str) -> bytes:
         ds.save_as(buf, enforce_file_format=True, little_endian=False, implicit_vr=False)
         return buf.getvalue()
     if key in ("rle", "jpeg_ls", "j2k"):
-        ds.compress(s.uid)
+        ds.compress(s.uid, generate_instance_uid=False)
         return to_bytes(ds)
     if key == "jpeg_ls_near":
-        ds.compress(s.uid, jls_error=2)
+        ds.compress(s.uid, jls_error=2, generate_instance_uid=False)
         return to_bytes(ds)
     if key == "j2k_lossy":
-        ds.compress(s.uid, j2k_psnr=[60])
+        ds.compress(s.uid, j2k_psnr=[60], generate_instance_uid=False)
         return to_bytes(ds)
     # JPEG family through libjpeg-turbo (imagecodecs), then encapsulated.
     import imagecodecs
