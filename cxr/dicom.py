@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 # ("Invalid value for VR LO: '...'"), and a value could be a patient identifier. We read
 # leniently and validate nothing on reading; the screening code checks what it uses.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+# When every decoder plugin fails on a corrupt file, pydicom logs each failure with a
+# traceback at ERROR and then raises one RuntimeError naming them all. That error is what
+# the study records and the worker logs (one line, with the cause), so the per-plugin
+# tracebacks are not logged again here: they would only repeat that cause, as an alarming
+# traceback, for a file that is simply corrupt.
+logging.getLogger("pydicom.pixels.decoders.base").setLevel(logging.CRITICAL)
 
 DICM_OFFSET = 128
 

@@ -18,6 +18,7 @@ absent or nonsensical), then MONOCHROME1 / Presentation LUT Shape INVERSE invers
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,10 +189,10 @@ def _open_raster(data: bytes, *, kind: str, max_pixels: int) -> Opened:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(
             Code.too_large,
-            f"refused before decoding: {e} Raise CXR_MAX_IMAGE_PIXELS if this is a real radiograph",
+            f"refused before decoding: {_cause(e)} Raise CXR_MAX_IMAGE_PIXELS if this is a real radiograph",
         ) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageDecodeError(Code.unreadable, f"cannot read the {kind.upper()} header: {e}") from e
+        raise ImageDecodeError(Code.unreadable, f"cannot read the {kind.upper()} header: {_cause(e)}") from e
     check_size(*img.size, max_pixels=max_pixels)
     return Opened(format=kind, metadata={"width": img.width, "height": img.height, "mode": img.mode, "frames": 1},
                   handle=img)
@@ -204,7 +205,7 @@ def _raster_pixels(img: Image.Image, *, kind: str) -> np.ndarray:
             img = ImageOps.exif_transpose(img)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise ImageDecodeError(
-            Code.unreadable, f"cannot decode the {kind.upper()} pixels ({e}); the file is truncated or corrupt, "
+            Code.unreadable, f"cannot decode the {kind.upper()} pixels ({_cause(e)}); the file is truncated or corrupt, "
             "send it again",
         ) from e
     mode = img.mode
@@ -269,7 +270,7 @@ def _open_dicom(data: bytes, *, max_pixels: int) -> Opened:
             ds = pydicom.dcmread(io.BytesIO(data))
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ImageDecodeError(
-            Code.unreadable, f"cannot parse the DICOM file ({type(e).__name__}: {e}); it is truncated or "
+            Code.unreadable, f"cannot parse the DICOM file ({type(e).__name__}: {_cause(e)}); it is truncated or "
             "corrupt, send it again",
         ) from e
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
@@ -348,7 +349,7 @@ def _dicom_pixels(ds: Any, *, voi: VoiOptions, frame: int) -> np.ndarray:
             arr = ds.pixel_array
     except (RuntimeError, NotImplementedError, ValueError, AttributeError, KeyError, TypeError, EOFError,
             OSError, IndexError) as e:
-        cause = " ".join(str(e).split())
+        cause = _cause(e)
         raise ImageDecodeError(
             Code.unreadable,
             f"cannot decode the DICOM pixel data ({_syntax_name(ts)}): {cause}. The file is truncated or its "
@@ -371,6 +372,12 @@ def _dicom_pixels(ds: Any, *, voi: VoiOptions, frame: int) -> np.ndarray:
     if photometric == "MONOCHROME1" or shape == "INVERSE":
         pixels = np.subtract(np.float32(1.0), pixels, out=pixels)
     return pixels
+
+
+def _cause(e: BaseException) -> str:
+    """A library's error as one stable line: no memory addresses (the same file must give the
+    same message in every process)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", " ".join(str(e).split()))
 
 
 def _unit_from_any(arr: np.ndarray) -> np.ndarray:
