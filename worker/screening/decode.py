@@ -246,6 +246,14 @@ SUPPORTED_SYNTAXES: dict[str, str] = {
 }
 
 
+# Where two installed decoders differ a lot in speed, the faster (measured on 2048² 12-bit
+# JPEG-LS: CharLS via pyjpegls about 125 ms, libjpeg via pylibjpeg about 510 ms).
+PREFERRED_PLUGIN = {
+    "1.2.840.10008.1.2.4.80": "pyjpegls",
+    "1.2.840.10008.1.2.4.81": "pyjpegls",
+}
+
+
 def _syntax_name(ts: Any) -> str:
     name = getattr(ts, "name", "") or ""
     return f"{ts} ({name})" if name and name != str(ts) else str(ts)
@@ -314,8 +322,8 @@ def _open_dicom(data: bytes, *, max_pixels: int) -> Opened:
     return Opened(format="dicom", metadata=meta, handle=ds)
 
 
-def _missing_codec(ds: Any, ts: Any) -> ImageDecodeError | None:
-    """An error naming what to install when no decoder for ``ts`` is available here."""
+def _decoder_or_error(ts: Any) -> tuple[Any, ImageDecodeError | None]:
+    """pydicom's decoder for ``ts``, or an error naming what to install when none is available here."""
     from pydicom.pixels import get_decoder
 
     try:
@@ -323,9 +331,9 @@ def _missing_codec(ds: Any, ts: Any) -> ImageDecodeError | None:
     except NotImplementedError:
         decoder = None
     if decoder is not None and decoder.is_available:
-        return None
+        return decoder, None
     missing = "; ".join(decoder.missing_dependencies) if decoder is not None else ""
-    return ImageDecodeError(
+    return decoder, ImageDecodeError(
         Code.codec_missing,
         f"no decoder for transfer syntax {_syntax_name(ts)} is installed here; "
         f"{SUPPORTED_SYNTAXES.get(str(ts), 'pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg')}, "
@@ -337,15 +345,19 @@ def _dicom_pixels(ds: Any, *, voi: VoiOptions, frame: int) -> np.ndarray:
     from pydicom.pixels import apply_color_lut, apply_modality_lut
 
     ts = ds.file_meta.TransferSyntaxUID
-    if (err := _missing_codec(ds, ts)) is not None:
+    decoder, err = _decoder_or_error(ts)
+    if err is not None:
         raise err
     frames = int(ds.get("NumberOfFrames") or 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").upper()
+    options: dict[str, Any] = {"index": frame} if frames > 1 else {}
+    if (plugin := PREFERRED_PLUGIN.get(str(ts))) and plugin in decoder.available_plugins:
+        options["decoding_plugin"] = plugin
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if frames > 1:
-                ds.pixel_array_options(index=frame)
+            if options:
+                ds.pixel_array_options(**options)
             arr = ds.pixel_array
     except (RuntimeError, NotImplementedError, ValueError, AttributeError, KeyError, TypeError, EOFError,
             OSError, IndexError) as e:
