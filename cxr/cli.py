@@ -251,6 +251,15 @@ def predict(
         raise typer.Exit(1)
 
 
+# (title, statuses, columns) of the worklist table's sections.
+WORKLIST_SECTIONS = (
+    ("Scored", ("done",), ("study_id", "filename", "flagged", "predicted_class", "risk", "probabilities")),
+    ("Pending", ("queued", "processing"), ("study_id", "filename", "status")),
+    ("Rejected and failed (not scored)", ("rejected", "failed"),
+     ("study_id", "filename", "status", "reject_code", "error")),
+)
+
+
 @app.command()
 def worklist(
     format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.table,
@@ -281,11 +290,3 @@ def worklist(
             "reject_code", "error")))
     typer.echo(DISCLAIMER, err=True)
 
-
-# (title, statuses, columns) of the worklist table's sections.
-WORKLIST_SECTIONS = (
-    ("Scored", ("done",), ("study_id", "filename", "flagged", "predicted_class", "risk", "probabilities")),
-    ("Pending", ("queued", "processing"), ("study_id", "filename", "status")),
-    ("Rejected and failed (not scored)", ("rejected", "failed"),
-     ("study_id", "filename", "status", "reject_code", "error")),
-)
