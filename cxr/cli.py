@@ -251,6 +251,8 @@ def predict(
         raise typer.Exit(1)
 
 
+WORKLIST_COLUMNS = ("study_id", "filename", "status", "flagged", "predicted_class", "risk", "probabilities",
+                    "reject_code", "error")
 # (title, statuses, columns) of the worklist table's sections.
 WORKLIST_SECTIONS = (
     ("Scored", ("done",), ("study_id", "filename", "flagged", "predicted_class", "risk", "probabilities")),
@@ -282,11 +284,13 @@ def worklist(
     with session_scope(settings.database_url) as session:
         rows = [repo.study_summary(r.study, r.result)
                 for r in repo.worklist(session, status=status, since=since, limit=limit or None)]
-    if format is Format.table:
-        typer.echo(render_sections(rows, sections=WORKLIST_SECTIONS))
-    else:
-        typer.echo(render(rows, fmt=format.value, columns=(
-            "study_id", "filename", "status", "flagged", "predicted_class", "risk", "probabilities",
-            "reject_code", "error")))
+    if format is not Format.json:
+        typer.echo(render_sections(rows, sections=WORKLIST_SECTIONS) if format is Format.table else
+                   render(rows, fmt="csv", columns=WORKLIST_COLUMNS))
+        typer.echo(DISCLAIMER, err=True)
+        return
+    # JSON: every field of each study, including reject_code, error and metadata.
+    typer.echo(render(rows, fmt=format.value, columns=(
+        "study_id", "filename", "status", "flagged", "predicted_class", "risk", "probabilities", "error")))
     typer.echo(DISCLAIMER, err=True)
 
