@@ -293,4 +293,3 @@ def worklist(
     typer.echo(render(rows, fmt=format.value, columns=(
         "study_id", "filename", "status", "flagged", "predicted_class", "risk", "probabilities", "error")))
     typer.echo(DISCLAIMER, err=True)
-
