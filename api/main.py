@@ -40,6 +40,7 @@ class StudyRef(BaseModel):
     study_id: uuid.UUID
     filename: str
     status: str
+    duplicate: str | None = None  # "same_bytes" or "same_sop_instance": linked to an existing study
 
 
 class JobCreated(BaseModel):
@@ -64,7 +65,8 @@ def create_job(
             settings, celery, stored=stored, filename=upload.filename or "upload", source="api",
             job_id=job.id, position=position,
         )
-        refs.append(StudyRef(study_id=out.study_id, filename=out.filename, status=out.status))
+        refs.append(StudyRef(study_id=out.study_id, filename=out.filename, status=out.status,
+                             duplicate=out.duplicate))
     return JobCreated(job_id=job.id, studies=refs)
 
 

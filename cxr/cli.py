@@ -211,41 +211,55 @@ def predict(
 ) -> None:
     """Score files directly, in-process: no database, no broker, no services.
 
-    Uses exactly the decode, preprocess and infer code the worker uses. A file that cannot
-    be read gets status 'failed' and a reason; it never stops the run. Exits non-zero only
-    when nothing could be scored.
+    Uses exactly the decode, quality gate, preprocess and infer code the worker uses. A file
+    that cannot be read or fails the gate gets status 'rejected' (or 'failed' when this
+    installation lacks a codec), a stable reject_code and a reason; it never stops the run.
+    Exits non-zero only when nothing could be scored.
     """
     from tqdm import tqdm
 
     from cxr.output import render
     from worker.screening.model import load_bundle
     from worker.screening.pipeline import Screener
+    from worker.service import screen_options
 
     settings = get_settings()
     bundle = require_bundle(checkpoint)
     import torch
 
     torch.set_num_threads(settings.torch_threads)
-    screener = Screener(load_bundle(bundle, device=settings.device), max_pixels=settings.max_image_pixels)
+    screener = Screener(load_bundle(bundle, device=settings.device), screen_options(settings))
     files = iter_inputs(paths)
     rows = []
     for i, f in enumerate(tqdm(files, desc="screening", unit="file", disable=len(files) < 5, file=sys.stderr)):
         try:
             data = f.read_bytes()
         except OSError as e:
-            rows.append({"path": str(f), "status": "failed", "predicted_class": None, "probabilities": None,
-                         "heatmap_path": None, "error": f"unreadable: {e.strerror}"})
+            rows.append({"path": str(f), "status": "rejected", "reject_code": "unreadable", "predicted_class": None,
+                         "probabilities": None, "flagged": None, "heatmap_path": None,
+                         "error": f"unreadable: the file cannot be read ({e.strerror})"})
             continue
         heat = heatmaps / f"{i:05d}-{f.stem}.png" if heatmaps else None
         out = screener.screen(data, heatmap_to=heat)
-        rows.append({"path": str(f), "status": out.status, "predicted_class": out.predicted_class,
-                     "probabilities": out.probabilities, "flagged": out.flagged, "heatmap_path": out.heatmap_path,
-                     "error": out.error})
-    typer.echo(render(rows, fmt=format.value,
-                      columns=("path", "status", "predicted_class", "flagged", "probabilities", "error")))
+        rows.append({"path": str(f), "status": out.status, "reject_code": out.reject_code,
+                     "predicted_class": out.predicted_class, "probabilities": out.probabilities,
+                     "flagged": out.flagged, "heatmap_path": out.heatmap_path, "error": out.error})
+    typer.echo(render(rows, fmt=format.value, columns=(
+        "path", "status", "predicted_class", "flagged", "probabilities", "reject_code", "error")))
     typer.echo(DISCLAIMER, err=True)
     if not any(r["status"] == "done" for r in rows):
         raise typer.Exit(1)
+
+
+WORKLIST_COLUMNS = ("study_id", "filename", "status", "flagged", "predicted_class", "risk", "probabilities",
+                    "reject_code", "error")
+# (title, statuses, columns) of the worklist table's sections.
+WORKLIST_SECTIONS = (
+    ("Scored", ("done",), ("study_id", "filename", "flagged", "predicted_class", "risk", "probabilities")),
+    ("Pending", ("queued", "processing"), ("study_id", "filename", "status")),
+    ("Rejected and failed (not scored)", ("rejected", "failed"),
+     ("study_id", "filename", "status", "reject_code", "error")),
+)
 
 
 @app.command()
@@ -256,10 +270,13 @@ def worklist(
     limit: Annotated[int, typer.Option(help="At most this many rows (0 = all).")] = 100,
 ) -> None:
     """Studies from the database for review: flagged and highest-risk first, then pending,
-    then failed and rejected ones."""
+    then failed and rejected ones.
+
+    The table shows them in separate sections; CSV and JSON give one list, where
+    `reject_code` and `error` say why a study was not scored."""
     from cxr.db import repo
     from cxr.db.session import session_scope
-    from cxr.output import render
+    from cxr.output import render, render_sections
 
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=timezone.utc)
@@ -267,6 +284,12 @@ def worklist(
     with session_scope(settings.database_url) as session:
         rows = [repo.study_summary(r.study, r.result)
                 for r in repo.worklist(session, status=status, since=since, limit=limit or None)]
+    if format is not Format.json:
+        typer.echo(render_sections(rows, sections=WORKLIST_SECTIONS) if format is Format.table else
+                   render(rows, fmt="csv", columns=WORKLIST_COLUMNS))
+        typer.echo(DISCLAIMER, err=True)
+        return
+    # JSON: every field of each study, including reject_code, error and metadata.
     typer.echo(render(rows, fmt=format.value, columns=(
         "study_id", "filename", "status", "flagged", "predicted_class", "risk", "probabilities", "error")))
     typer.echo(DISCLAIMER, err=True)

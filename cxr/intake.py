@@ -1,8 +1,17 @@
-"""Intake shared by the watcher and the API: store the bytes once, write rows, enqueue."""
+"""Intake shared by the watcher and the API: store the bytes once, decide identity, write rows, enqueue.
+
+Identity is decided here, before any worker sees the file:
+
+- the same bytes (sha256) always give the same study;
+- for DICOM, the header is read (never the pixels) and the same SOP Instance UID with
+  different bytes (a re-sent, transcoded copy) joins the existing study as another file;
+- the study keeps the DICOM metadata, with the patient pseudonymised (``cxr.dicom``).
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -11,6 +20,7 @@ from celery import Celery
 from cxr.db import repo
 from cxr.db.models import Job
 from cxr.db.session import session_scope
+from cxr.dicom import pseudonym_key, read_header
 from cxr.queue import enqueue_study
 from cxr.settings import Settings
 from cxr.store import Stored, safe_filename
@@ -24,6 +34,21 @@ class Intaken:
     filename: str
     status: str
     created: bool
+    duplicate: str | None = None  # "same_bytes" | "same_sop_instance" when an existing study was found
+
+
+def filename_problem(name: str | None) -> str | None:
+    """Why a client-supplied file name is refused, or None. Path separators, ``..`` and
+    control characters have no place in a file name: the client is confused or hostile."""
+    if not name:
+        return None
+    if "/" in name or "\\" in name:
+        return "the file name contains a path separator; send the file under its plain name (no folders)"
+    if any(part == ".." for part in re.split(r"[/\\]", name)) or name.strip() in (".", ".."):
+        return "the file name is '..'; send the file under its plain name"
+    if any(ord(c) < 32 for c in name):
+        return "the file name contains control characters; send the file under its plain name"
+    return None
 
 
 def register(
@@ -36,28 +61,43 @@ def register(
     job_id: uuid.UUID | None = None,
     position: int = 0,
 ) -> Intaken:
-    """Record a stored file as a study (or find the existing one) and enqueue new studies.
+    """Record a stored file as a study (or find the one it belongs to) and enqueue what needs screening.
 
     The row is committed before the task is sent, so a worker never sees an unknown id.
+    A file name with path separators or ``..`` makes the study ``rejected`` (code
+    ``bad_filename``); its bytes are kept in the store all the same.
     """
     name = safe_filename(filename)
+    problem = filename_problem(filename)
+    header = read_header(stored.path, key=pseudonym_key(settings))
+    metadata = {}
+    if header is not None:
+        metadata = {**header.fields, "image_format": "dicom"}
+        if header.patient_key:
+            metadata["patient_key"] = header.patient_key
     with session_scope(settings.database_url) as session:
-        study, created = repo.add_study(
+        res = repo.intake_file(
             session,
             sha256=stored.sha256,
             filename=name,
             source=source,
             stored_path=str(stored.path),
             size_bytes=stored.size_bytes,
+            metadata=metadata,
+            reject=("bad_filename", problem) if problem else None,
         )
         if job_id is not None:
             job = session.get(Job, job_id)
-            repo.link_job_study(session, job=job, study=study, filename=name, position=position)
-        out = Intaken(study_id=study.id, filename=name, status=study.status, created=created)
-    if created:
+            repo.link_job_study(session, job=job, study=res.study, filename=name, position=position)
+        dup = res.duplicate.value if res.duplicate else None
+        out = Intaken(study_id=res.study.id, filename=name, status=res.study.status, created=res.created,
+                      duplicate=dup)
+    if res.enqueue:
         enqueue_study(celery, str(out.study_id))
-        log.info("study %s queued (source=%s, sha256=%s)", out.study_id, source, stored.sha256[:12])
+        log.info("study %s queued (source=%s, sha256=%s%s)", out.study_id, source, stored.sha256[:12],
+                 f", again after a {dup} resubmission" if dup else "")
+    elif problem:
+        log.warning("study %s rejected at intake: bad_filename (sha256=%s)", out.study_id, stored.sha256[:12])
     else:
-        log.info("study %s already known (sha256=%s); not queued again", out.study_id, stored.sha256[:12])
+        log.info("study %s already known (%s, sha256=%s); not queued again", out.study_id, dup, stored.sha256[:12])
     return out
-

@@ -52,3 +52,16 @@ def render(rows: list[dict[str, Any]], *, fmt: str, columns: Sequence[str]) -> s
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
     return "\n".join(lines)
+
+
+def render_sections(
+    rows: list[dict[str, Any]], *, sections: Sequence[tuple[str, Sequence[str], Sequence[str]]]
+) -> str:
+    """Tables, one per (title, statuses, columns) section, in order. Empty sections say so."""
+    out: list[str] = []
+    for title, statuses, columns in sections:
+        part = [r for r in rows if r.get("status") in statuses]
+        out.append(f"{title} ({len(part)})")
+        out.append(render(part, fmt="table", columns=columns) if part else "  (none)")
+        out.append("")
+    return "\n".join(out).rstrip("\n")

@@ -10,12 +10,32 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BUNDLE = PROJECT_ROOT / "models" / "cxr-default.safetensors"
+
+# BodyPartExamined values (upper case, any one word of the value) that count as a chest.
+# DICOM's defined terms are CHEST and THORAX; the rest are common local spellings.
+DEFAULT_CHEST_BODY_PARTS = (
+    "CHEST", "THORAX", "LUNG", "LUNGS", "CXR", "TORAX", "TORACE", "TORAKS", "BRUST", "BRUSTKORB", "POITRINE",
+    "THORACIC", "PECHO",
+)
+
+
+def _split_list(value: Any) -> Any:
+    """Accept "A,B" as well as a JSON list from an environment variable."""
+    if isinstance(value, str):
+        value = value.strip()
+        if value.startswith("["):
+            import json
+
+            return json.loads(value)
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
 
 
 class Settings(BaseSettings):
@@ -34,6 +54,43 @@ class Settings(BaseSettings):
     broker_poll_seconds: float = Field(0.1, gt=0, description="Polling interval of the filesystem broker.")
     log_level: str = Field("INFO", description="Log level for every process.")
     max_image_pixels: int = Field(80_000_000, description="Refuse images larger than this before decoding.")
+
+    # Quality gate: each rule can be turned off. `unreadable` and `not_an_image` cannot.
+    gate_not_radiograph: bool = Field(True, description="Reject DICOM whose Modality is present and not CR, DX or DR.")
+    gate_not_chest: bool = Field(True, description="Reject DICOM whose BodyPartExamined is present and not a chest.")
+    gate_lateral_view: bool = Field(True, description="Reject DICOM whose ViewPosition is LL or RL.")
+    gate_multi_frame: bool = Field(True, description="Reject multi-frame DICOM (off: screen the first frame).")
+    gate_too_small: bool = Field(True, description="Reject images whose short side is under gate_min_size.")
+    gate_min_size: int = Field(256, ge=1, description="Shortest acceptable image side in pixels.")
+    gate_chest_body_parts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_CHEST_BODY_PARTS),
+        description="BodyPartExamined words that mean chest (comma-separated or a JSON list).",
+    )
+
+    # DICOM VOI (windowing) fallback.
+    voi_use_window: bool = Field(True, description="Use the DICOM window / VOI LUT when it is sensible.")
+    voi_fallback_percentiles: Annotated[tuple[float, float], NoDecode] = Field(
+        (0.5, 99.5), description="Percentiles of the robust min-max used when no sensible window exists."
+    )
+
+    # Pseudonymised patient key: HMAC-SHA256 of PatientID with this secret.
+    pseudonym_key: SecretStr | None = Field(
+        None, description="Secret for the patient key. Default: generated once into $CXR_HOME/pseudonym.key (0600)."
+    )
+
+    @field_validator("gate_chest_body_parts", mode="before")
+    @classmethod
+    def _parts(cls, v: Any) -> Any:
+        return [str(x).strip().upper() for x in _split_list(v)]
+
+    @field_validator("voi_fallback_percentiles", mode="before")
+    @classmethod
+    def _pcts(cls, v: Any) -> Any:
+        v = _split_list(v)
+        lo, hi = (float(x) for x in v)
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError("voi_fallback_percentiles must be two numbers with 0 <= low < high <= 100, e.g. 0.5,99.5")
+        return lo, hi
 
     @model_validator(mode="after")
     def _resolve(self) -> "Settings":
@@ -59,6 +116,10 @@ class Settings(BaseSettings):
     @property
     def broker_dir(self) -> Path:
         return self.home / "broker"
+
+    @property
+    def pseudonym_key_file(self) -> Path:
+        return self.home / "pseudonym.key"
 
     @property
     def is_sqlite(self) -> bool:

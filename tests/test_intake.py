@@ -76,9 +76,11 @@ def test_predict_bad_file_never_aborts_and_exit_code(tmp_path, tiny_bundle):
     out = cxr("predict", "--format", "json", "--checkpoint", str(tiny_bundle), str(tmp_path / "in"), env=env)
     rows = {Path(r["path"]).name: r for r in json.loads(out.stdout)}
     assert rows[good.name]["status"] == "done"
-    assert rows["notes.png"]["status"] == "failed" and rows["notes.png"]["error"].startswith("not_an_image")
-    assert rows["empty.dcm"]["status"] == "failed" and "empty" in rows["empty.dcm"]["error"]
+    assert rows["notes.png"]["status"] == "rejected" and rows["notes.png"]["error"].startswith("not_an_image")
+    assert rows["notes.png"]["reject_code"] == "not_an_image"
+    assert rows["empty.dcm"]["status"] == "rejected" and rows["empty.dcm"]["reject_code"] == "unreadable"
+    assert "empty" in rows["empty.dcm"]["error"]
     assert "not for clinical use" in out.stderr
     only_bad = cxr("predict", "--checkpoint", str(tiny_bundle), str(tmp_path / "in" / "notes.png"), env=env,
                    check=False)
-    assert only_bad.returncode == 1 and "failed" in only_bad.stdout
+    assert only_bad.returncode == 1 and "rejected" in only_bad.stdout and "not_an_image" in only_bad.stdout

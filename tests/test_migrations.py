@@ -33,3 +33,43 @@ def test_sqlite_upgrade_from_empty(tmp_path):
 @pytest.mark.distributed
 def test_postgres_upgrade_from_empty(postgres_url):
     check(postgres_url)
+
+
+def check_0002_backfill_and_downgrade(url: str) -> None:
+    import uuid
+    from datetime import datetime, timezone
+
+    from alembic import command
+    from sqlalchemy import text
+
+    from cxr.db.migrate import alembic_config
+
+    cfg = alembic_config(url)
+    command.upgrade(cfg, "0001")
+    engine = create_engine(url)
+    sid = uuid.uuid4()
+    now = datetime.now(timezone.utc)
+    try:
+        with engine.begin() as c:
+            c.execute(text(
+                "INSERT INTO studies (id, sha256, filename, source, stored_path, size_bytes, status, created_at, "
+                "updated_at) VALUES (:id, :sha, 'old.png', 'watch', '/store/ab', 12, 'done', :now, :now)"),
+                {"id": sid.hex if url.startswith("sqlite") else sid, "sha": "ab" * 32, "now": now})
+        command.upgrade(cfg, "head")
+        with engine.connect() as c:
+            files = c.execute(text("SELECT sha256, stored_path, size_bytes, filename, source FROM study_files")).all()
+        assert [tuple(f) for f in files] == [("ab" * 32, "/store/ab", 12, "old.png", "watch")]
+        command.downgrade(cfg, "0001")
+        assert "study_files" not in inspect(engine).get_table_names()
+        command.upgrade(cfg, "head")
+    finally:
+        engine.dispose()
+
+
+def test_0002_backfills_study_files_and_downgrades_sqlite(tmp_path):
+    check_0002_backfill_and_downgrade(f"sqlite:///{tmp_path / 'b.db'}")
+
+
+@pytest.mark.distributed
+def test_0002_backfills_study_files_and_downgrades_postgres(postgres_url):
+    check_0002_backfill_and_downgrade(postgres_url)

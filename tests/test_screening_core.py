@@ -50,8 +50,8 @@ def test_16bit_png_uses_full_range():
 def test_dicom_monochrome1_matches_monochrome2_twin(tmp_path):
     m2 = decode(write_dicom(tmp_path / "m2.dcm", seed=5).read_bytes())
     m1 = decode(write_dicom(tmp_path / "m1.dcm", seed=5, photometric="MONOCHROME1").read_bytes())
-    assert m2.format == "dicom" and m2.metadata["Modality"] == "CR"
-    assert "PatientID" not in m2.metadata and "PatientName" not in m2.metadata
+    assert m2.format == "dicom" and m2.metadata["modality"] == "CR"
+    assert not any("patient_id" in k.lower() or "name" in k.lower() for k in m2.metadata)
     np.testing.assert_allclose(m1.pixels, m2.pixels, atol=1e-6)
 
 
@@ -102,4 +102,4 @@ def test_screener_scores_and_writes_heatmap(tmp_path, tiny_bundle):
     again = screener.screen(write_png(tmp_path / "b.png").read_bytes())
     assert again.heatmap_path is None
     bad = screener.screen(b"\x00" * 100)
-    assert bad.status == "failed" and bad.error.startswith("not_an_image")
+    assert bad.status == "rejected" and bad.reject_code == "not_an_image" and bad.error.startswith("not_an_image")

@@ -23,15 +23,39 @@ class NoBundleError(RuntimeError):
     pass
 
 
+def screen_options(settings: Settings):
+    """The screening core's reading options (gate rules, VOI, size limit) from the settings.
+
+    The worker and ``cxr predict`` both build theirs here, so they gate alike."""
+    from worker.screening.decode import VoiOptions
+    from worker.screening.gate import GateRules
+    from worker.screening.pipeline import ScreenOptions
+
+    return ScreenOptions(
+        max_pixels=settings.max_image_pixels,
+        gate=GateRules(
+            not_radiograph=settings.gate_not_radiograph,
+            not_chest=settings.gate_not_chest,
+            lateral_view=settings.gate_lateral_view,
+            multi_frame=settings.gate_multi_frame,
+            too_small=settings.gate_too_small,
+            min_size=settings.gate_min_size,
+            chest_body_parts=frozenset(settings.gate_chest_body_parts),
+        ),
+        voi=VoiOptions(use_window=settings.voi_use_window,
+                       fallback_percentiles=tuple(settings.voi_fallback_percentiles)),
+    )
+
+
 @lru_cache(maxsize=1)
-def _screener(checkpoint: str, device: str, torch_threads: int, max_pixels: int):
+def _screener(checkpoint: str, device: str, torch_threads: int, options):
     import torch
 
     from worker.screening.model import load_bundle
     from worker.screening.pipeline import Screener
 
     torch.set_num_threads(torch_threads)
-    return Screener(load_bundle(Path(checkpoint), device=device), max_pixels=max_pixels)
+    return Screener(load_bundle(Path(checkpoint), device=device), options)
 
 
 def get_screener(settings: Settings):
@@ -39,7 +63,7 @@ def get_screener(settings: Settings):
     ckpt = settings.resolved_checkpoint()
     if ckpt is None:
         raise NoBundleError(NO_BUNDLE_HELP)
-    return _screener(str(ckpt), settings.device, settings.torch_threads, settings.max_image_pixels)
+    return _screener(str(ckpt), settings.device, settings.torch_threads, screen_options(settings))
 
 
 @lru_cache(maxsize=4)
@@ -54,7 +78,7 @@ def _model_version_id(database_url: str, sha256: str, architecture: str, classes
 def process_study(settings: Settings, study_id: uuid.UUID) -> str:
     """Screen a study once. Idempotent: a study already done for this model is left alone.
 
-    Returns what happened: 'done', 'failed', 'already-done', 'not-claimable' or 'missing'.
+    Returns what happened: 'done', 'rejected', 'failed', 'already-done', 'not-claimable' or 'missing'.
     """
     screener = get_screener(settings)
     loaded = screener.loaded
@@ -78,7 +102,7 @@ def process_study(settings: Settings, study_id: uuid.UUID) -> str:
     try:
         data = stored_path.read_bytes()
     except OSError as e:
-        outcome_error = f"unreadable: stored file cannot be read ({e.strerror})"
+        outcome_error = f"store_unreadable: the stored copy cannot be read ({e.strerror}); check CXR_HOME"
         with session_scope(settings.database_url) as session:
             repo.mark_study(session, study_id=study_id, status=StudyStatus.failed, error=outcome_error)
         log.error("study %s failed: %s", study_id, outcome_error)
@@ -87,6 +111,7 @@ def process_study(settings: Settings, study_id: uuid.UUID) -> str:
     heatmap_to = settings.heatmap_dir / f"{study_id}.png" if settings.heatmaps else None
     outcome = screener.screen(data, heatmap_to=heatmap_to)
     with session_scope(settings.database_url) as session:
+        repo.update_study_metadata(session, study_id=study_id, metadata=outcome.metadata)
         if outcome.status == "done":
             repo.record_result(
                 session,
@@ -100,9 +125,12 @@ def process_study(settings: Settings, study_id: uuid.UUID) -> str:
                 timings_ms=outcome.timings_ms,
             )
         else:
-            repo.mark_study(session, study_id=study_id, status=StudyStatus.failed, error=outcome.error)
-    log.info("study %s %s%s", study_id, outcome.status, f" ({outcome.error})" if outcome.error else
-             f": {outcome.predicted_class} {outcome.timings_ms}")
+            repo.mark_study(session, study_id=study_id, status=StudyStatus(outcome.status), error=outcome.error,
+                            reject_code=outcome.reject_code)
+    if outcome.status == "done":
+        log.info("study %s done: %s %s", study_id, outcome.predicted_class, outcome.timings_ms)
+    else:
+        log.warning("study %s %s: %s", study_id, outcome.status, outcome.error)
     return outcome.status
 
 

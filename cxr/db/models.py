@@ -64,6 +64,9 @@ class Job(Base):
 
 
 class Study(Base):
+    """One radiograph. Identity: its bytes (sha256, through ``study_files``), and for DICOM its
+    SOP Instance UID. ``sha256``/``stored_path`` name the primary file, the one screened."""
+
     __tablename__ = "studies"
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -74,12 +77,59 @@ class Study(Base):
     size_bytes: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default=StudyStatus.queued.value, index=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reject_code: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
+    # What the file says about itself (DICOM header at intake; format and size from the worker).
+    # Never PatientID or PatientName: only patient_key, an HMAC of PatientID.
+    image_format: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    width: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    height: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    modality: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    body_part: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    view_position: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    patient_age: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    patient_sex: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    manufacturer: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    transfer_syntax: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    patient_key: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+
     results: Mapped[list["Result"]] = relationship(back_populates="study", order_by="Result.id")
+    files: Mapped[list["StudyFile"]] = relationship(back_populates="study", order_by="StudyFile.id")
+
+
+#: Study columns filled from file metadata (see cxr.dicom.header_fields and the worker).
+STUDY_METADATA_COLUMNS = (
+    "image_format", "width", "height", "sop_instance_uid", "study_instance_uid", "series_instance_uid",
+    "accession_number", "modality", "body_part", "view_position", "patient_age", "patient_sex",
+    "manufacturer", "transfer_syntax", "patient_key",
+)
+
+
+class StudyFile(Base):
+    """Every distinct file received for a study: the first, and e.g. a re-sent, transcoded
+    copy of the same SOP instance. Each is kept in the store under its sha256."""
+
+    __tablename__ = "study_files"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    stored_path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    filename: Mapped[str] = mapped_column(String(255))
+    source: Mapped[str] = mapped_column(String(16))
+    transfer_syntax: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="files")
 
 
 class JobStudy(Base):

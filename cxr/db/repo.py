@@ -5,6 +5,7 @@ They flush but never commit; the caller owns the transaction.
 
 from __future__ import annotations
 
+import enum
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,7 +15,9 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from cxr.db.models import Job, JobStudy, ModelVersion, Result, Study, StudyStatus, utcnow
+from cxr.db.models import (
+    STUDY_METADATA_COLUMNS, Job, JobStudy, ModelVersion, Result, Study, StudyFile, StudyStatus, utcnow,
+)
 
 
 def create_job(session: Session, *, source: str) -> Job:
@@ -24,7 +27,42 @@ def create_job(session: Session, *, source: str) -> Job:
     return job
 
 
-def add_study(
+class Duplicate(str, enum.Enum):
+    same_bytes = "same_bytes"
+    same_sop_instance = "same_sop_instance"
+
+
+@dataclass(frozen=True)
+class IntakeResult:
+    study: Study
+    created: bool  # a new study row
+    duplicate: Duplicate | None  # how an existing study was recognised
+    enqueue: bool  # the study (new or re-queued) needs a screening task
+
+
+def _clip(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Metadata limited to known study columns and trimmed to their lengths."""
+    out: dict[str, Any] = {}
+    for column in STUDY_METADATA_COLUMNS:
+        value = metadata.get(column)
+        if value is None:
+            continue
+        col_type = Study.__table__.c[column].type
+        length = getattr(col_type, "length", None)
+        out[column] = value[:length] if length and isinstance(value, str) else value
+    return out
+
+
+def _requeue(study: Study) -> None:
+    study.status = StudyStatus.queued.value
+    study.error = None
+    study.reject_code = None
+    study.started_at = None
+    study.finished_at = None
+    study.updated_at = utcnow()
+
+
+def intake_file(
     session: Session,
     *,
     sha256: str,
@@ -32,24 +70,94 @@ def add_study(
     source: str,
     stored_path: str,
     size_bytes: int,
-) -> tuple[Study, bool]:
-    """Insert a study for these bytes, or return the existing one. Returns (study, created).
+    metadata: dict[str, Any] | None = None,
+    reject: tuple[str, str] | None = None,
+) -> IntakeResult:
+    """Record a stored file: a new study, or the study it belongs to. Decides identity.
 
-    The unique sha256 makes this safe against a watcher and an API racing on the same file.
+    - Bytes already received (any file of any study): that study. It is re-queued only if
+      it was not screened for reasons that were not the file's content (status ``failed``,
+      or rejected for its ``bad_filename``, when this submission's name is fine).
+    - A DICOM SOP Instance UID already known, with different bytes (a re-sent, transcoded
+      copy): the file is recorded on that study. A scored, queued or processing study is
+      left alone (never screened twice); one that was rejected or failed gets the new file
+      as its primary file and is re-queued.
+    - Otherwise a new study with this file, ``rejected`` at once when ``reject`` (code,
+      sentence) is given.
+
+    Safe against a watcher and an API racing on the same bytes or the same SOP instance:
+    the unique sha256 and SOP Instance UID make the loser find the winner's row.
     """
-    existing = session.scalar(select(Study).where(Study.sha256 == sha256))
-    if existing is not None:
-        return existing, False
-    study = Study(sha256=sha256, filename=filename, source=source, stored_path=stored_path, size_bytes=size_bytes)
+    metadata = _clip(metadata or {})
+    sop = metadata.get("sop_instance_uid")
+    for attempt in range(3):
+        found = _find_existing(session, sha256=sha256, sop=sop, filename=filename, source=source,
+                               stored_path=stored_path, size_bytes=size_bytes, metadata=metadata, reject=reject)
+        if found is not None:
+            return found
+        study = Study(sha256=sha256, filename=filename, source=source, stored_path=stored_path,
+                      size_bytes=size_bytes, **metadata)
+        if reject is not None:
+            study.status = StudyStatus.rejected.value
+            study.reject_code, study.error = reject[0], f"{reject[0]}: {reject[1]}"
+            study.finished_at = utcnow()
+        try:
+            with session.begin_nested():
+                session.add(study)
+                session.flush()
+                session.add(StudyFile(study_id=study.id, sha256=sha256, stored_path=stored_path,
+                                      size_bytes=size_bytes, filename=filename, source=source,
+                                      transfer_syntax=metadata.get("transfer_syntax")))
+                session.flush()
+        except IntegrityError:
+            continue  # someone else inserted these bytes or this SOP instance meanwhile: find it
+        return IntakeResult(study=study, created=True, duplicate=None, enqueue=reject is None)
+    raise RuntimeError(f"intake of {sha256[:12]} kept colliding with concurrent inserts")
+
+
+def _find_existing(session: Session, *, sha256: str, sop: str | None, filename: str, source: str,
+                   stored_path: str, size_bytes: int, metadata: dict[str, Any],
+                   reject: tuple[str, str] | None) -> IntakeResult | None:
+    known = session.scalar(select(StudyFile).where(StudyFile.sha256 == sha256))
+    if known is not None:
+        study = session.get(Study, known.study_id)
+        retry = study.status == StudyStatus.failed.value or (
+            reject is None and study.status == StudyStatus.rejected.value and study.reject_code == "bad_filename")
+        if retry:
+            _requeue(study)
+            study.filename = filename
+        session.flush()
+        return IntakeResult(study=study, created=False, duplicate=Duplicate.same_bytes, enqueue=retry)
+    if sop is None:
+        return None
+    study = session.scalar(select(Study).where(Study.sop_instance_uid == sop))
+    if study is None:
+        return None
     try:
         with session.begin_nested():
-            session.add(study)
+            session.add(StudyFile(study_id=study.id, sha256=sha256, stored_path=stored_path, size_bytes=size_bytes,
+                                  filename=filename, source=source, transfer_syntax=metadata.get("transfer_syntax")))
+            session.flush()
     except IntegrityError:
-        existing = session.scalar(select(Study).where(Study.sha256 == sha256))
-        if existing is None:
-            raise
-        return existing, False
-    return study, True
+        return None  # these bytes were recorded meanwhile; the caller looks again
+    retry = reject is None and study.status in (StudyStatus.failed.value, StudyStatus.rejected.value)
+    if retry:
+        # Not scored yet: the new copy may be readable. It becomes the primary file.
+        study.sha256, study.stored_path, study.size_bytes, study.filename = sha256, stored_path, size_bytes, filename
+        for column, value in metadata.items():
+            setattr(study, column, value)
+        _requeue(study)
+    session.flush()
+    return IntakeResult(study=study, created=False, duplicate=Duplicate.same_sop_instance, enqueue=retry)
+
+
+def update_study_metadata(session: Session, *, study_id: uuid.UUID, metadata: dict[str, Any]) -> None:
+    """Fill study metadata columns learnt by the worker (format, size, DICOM fields).
+
+    Identity columns set at intake (SOP Instance UID, patient key) are never overwritten."""
+    values = {k: v for k, v in _clip(metadata).items() if k not in ("sop_instance_uid", "patient_key")}
+    if values:
+        session.execute(update(Study).where(Study.id == study_id).values(**values))
 
 
 def link_job_study(session: Session, *, job: Job, study: Study, filename: str, position: int) -> JobStudy:
@@ -144,17 +252,20 @@ def record_result(
     session.execute(
         update(Study)
         .where(Study.id == study_id)
-        .values(status=StudyStatus.done.value, error=None, finished_at=utcnow(), updated_at=utcnow())
+        .values(status=StudyStatus.done.value, error=None, reject_code=None, finished_at=utcnow(),
+                updated_at=utcnow())
     )
     session.flush()
     return result
 
 
-def mark_study(session: Session, *, study_id: uuid.UUID, status: StudyStatus, error: str | None) -> None:
+def mark_study(
+    session: Session, *, study_id: uuid.UUID, status: StudyStatus, error: str | None, reject_code: str | None = None
+) -> None:
     session.execute(
         update(Study)
         .where(Study.id == study_id)
-        .values(status=status.value, error=error, finished_at=utcnow(), updated_at=utcnow())
+        .values(status=status.value, error=error, reject_code=reject_code, finished_at=utcnow(), updated_at=utcnow())
     )
 
 
@@ -219,7 +330,9 @@ def study_summary(study: Study, result: Result | None) -> dict[str, Any]:
         "heatmap_path": result.heatmap_path if result else None,
         "model_version": result.model_version.version if result and result.model_version else None,
         "timings_ms": dict(result.timings_ms) if result else None,
+        "reject_code": study.reject_code,
         "error": study.error,
+        "metadata": {c: getattr(study, c) for c in STUDY_METADATA_COLUMNS if getattr(study, c) is not None},
         "created_at": study.created_at.isoformat() if study.created_at else None,
         "finished_at": study.finished_at.isoformat() if study.finished_at else None,
     }

@@ -1,6 +1,6 @@
-"""decode -> preprocess -> infer -> explain for one file's bytes.
+"""open -> gate -> decode -> gate -> preprocess -> infer -> explain for one file's bytes.
 
-Shared by ``cxr predict`` and the Celery worker, so both give identical probabilities.
+Shared by ``cxr predict`` and the Celery worker, so both decode, gate and score alike.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from cxr.bundle import BundleMeta
-from worker.screening.decode import ImageDecodeError, decode
+from worker.screening.decode import ImageDecodeError, VoiOptions, decode, decode_pixels, open_image
 from worker.screening.explain import gradcam, save_heatmap
+from worker.screening.gate import GateRules, Rejection, check_header, check_image, status_for
 from worker.screening.infer import infer
 from worker.screening.model import LoadedModel
 from worker.screening.preprocess import preprocess
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Outcome:
-    status: str  # "done" | "failed"
+    status: str  # "done" | "rejected" (the file: see reject_code) | "failed" (this installation)
+    reject_code: str | None = None  # a worker.screening.gate.Code when not done
     probabilities: dict[str, float] | None = None
     predicted_class: str | None = None
     risk: float | None = None
@@ -46,27 +48,67 @@ def risk_and_flag(probs: dict[str, float], meta: BundleMeta) -> tuple[float, boo
     return float(risk), bool(flagged)
 
 
-def model_input(data: bytes, meta: BundleMeta, *, max_pixels: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """bytes -> (decoded pixels, model input (C, H, W), metadata). Raises ImageDecodeError."""
-    decoded = decode(data, max_pixels=max_pixels)
-    x = preprocess(decoded.pixels, input_size=meta.input_size, in_chans=meta.in_chans, mean=meta.mean, std=meta.std)
-    return decoded.pixels, x, decoded.metadata
+@dataclass(frozen=True)
+class ScreenOptions:
+    """Everything about reading a file that is configurable (built from the settings by callers)."""
+
+    max_pixels: int = 80_000_000
+    gate: GateRules = field(default_factory=GateRules)
+    voi: VoiOptions = field(default_factory=VoiOptions)
+
+
+class Rejected(ImageDecodeError):
+    """The gate said no: the file was read but is not to be screened. Carries what was learnt."""
+
+    def __init__(self, rejection: Rejection, metadata: dict) -> None:
+        super().__init__(rejection.code.value, rejection.message)
+        self.metadata = metadata
+
+
+def gated_pixels(data: bytes, options: ScreenOptions = ScreenOptions()) -> tuple[np.ndarray, dict]:
+    """bytes -> (decoded (H, W) pixels in [0, 1], metadata), through the quality gate.
+
+    The header rules run before any pixel is decoded. Raises ImageDecodeError: the file
+    cannot be read, or (as its subclass Rejected) it is read but not to be screened."""
+    opened = open_image(data, max_pixels=options.max_pixels)
+    if (rejection := check_header(opened.metadata, options.gate)) is not None:
+        raise Rejected(rejection, opened.metadata)
+    pixels = decode_pixels(opened, voi=options.voi)
+    metadata = {**opened.metadata, "height": int(pixels.shape[0]), "width": int(pixels.shape[1])}
+    if (rejection := check_image(pixels.shape, options.gate)) is not None:
+        raise Rejected(rejection, metadata)
+    return pixels, metadata
+
+
+def model_input(data: bytes, meta: BundleMeta, *, max_pixels: int = 80_000_000, voi: VoiOptions = VoiOptions()
+                ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """bytes -> (decoded pixels, model input (C, H, W), metadata), with no quality gate (the
+    trainer's evaluation reads its data set through this). Raises ImageDecodeError."""
+    decoded = decode(data, max_pixels=max_pixels, voi=voi)
+    return decoded.pixels, to_model(decoded.pixels, meta), decoded.metadata
+
+
+def to_model(pixels: np.ndarray, meta: BundleMeta) -> np.ndarray:
+    return preprocess(pixels, input_size=meta.input_size, in_chans=meta.in_chans, mean=meta.mean, std=meta.std)
 
 
 class Screener:
     """A loaded model plus the steps around it."""
 
-    def __init__(self, loaded: LoadedModel, *, max_pixels: int = 80_000_000) -> None:
+    def __init__(self, loaded: LoadedModel, options: ScreenOptions = ScreenOptions()) -> None:
         self.loaded = loaded
         self.meta = loaded.meta
-        self.max_pixels = max_pixels
+        self.options = options
 
     def screen(self, data: bytes, *, heatmap_to: Path | None = None) -> Outcome:
+        """Score one file. Input problems come back as an Outcome, never as an exception."""
         t0 = time.perf_counter()
         try:
-            pixels, x, metadata = model_input(data, self.meta, max_pixels=self.max_pixels)
+            pixels, metadata = gated_pixels(data, self.options)
         except ImageDecodeError as e:
-            return Outcome(status="failed", error=str(e))
+            return Outcome(status=status_for(e.code), reject_code=e.code, error=str(e),
+                           metadata=getattr(e, "metadata", {}))
+        x = to_model(pixels, self.meta)
         t1 = time.perf_counter()
         probs_arr = infer(self.loaded.model, x[None], temperature=self.meta.temperature, device=self.loaded.device)[0]
         t2 = time.perf_counter()
