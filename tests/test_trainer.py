@@ -26,8 +26,8 @@ def make_dataset(root: Path, per_class: int = 20) -> Path:
     for ci, c in enumerate(CLASSES):
         (root / c).mkdir(parents=True)
         for i in range(per_class):
-            img = chest_like(96, seed=100 * ci + i).astype(np.float32)
-            img[:, : 32 * (ci + 1)] *= 0.6  # a crude class signal
+            img = chest_like(256, seed=100 * ci + i).astype(np.float32)  # 256 px: passes the size gate
+            img[:, : 85 * (ci + 1)] *= 0.6  # a crude class signal
             Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / c / f"{c}_{i}.png")
     return root
 
