@@ -19,6 +19,7 @@ from cxr.bundle import BundleError, file_sha256, read_meta
 from cxr.db import repo
 from cxr.db.models import StudyStatus
 from cxr.intake import register
+from cxr.registry import resolve_bundle
 from cxr.settings import Settings
 from cxr.store import put_stream
 
@@ -133,7 +134,7 @@ def health(settings: SettingsDep, session: SessionDep, celery: CeleryDep) -> JSO
 
 @app.get("/model/info")
 def model_info(settings: SettingsDep) -> dict[str, Any]:
-    path = settings.resolved_checkpoint()
+    path = resolve_bundle(settings)
     if path is None:
         raise HTTPException(503, "no model bundle configured (set CXR_CHECKPOINT)")
     try:

@@ -119,6 +119,6 @@ NO_BUNDLE_HELP = (
     "No model bundle is configured. cxr-screen never screens with untrained weights.\n"
     "Get one by either:\n"
     "  - setting CXR_CHECKPOINT=/path/to/model.safetensors (a bundle written by `cxr train`), or\n"
-    "  - training one: `cxr train --config configs/train_lite0.yaml`, or\n"
+    "  - training one: `cxr train --config configs/train_lite0.yaml`, then `cxr model activate runs/.../model.safetensors`, or\n"
     "  - placing the shipped default at models/cxr-default.safetensors."
 )

@@ -31,6 +31,9 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema management (Alembic).", no_args_is_help=True, rich_markup_mode="markdown")
 app.add_typer(db_app, name="db")
+model_app = typer.Typer(help="Model versions: which bundle the workers use.", no_args_is_help=True,
+                        rich_markup_mode="markdown")
+app.add_typer(model_app, name="model")
 log = logging.getLogger("cxr")
 
 
@@ -55,11 +58,22 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def require_bundle(checkpoint: Path | None = None) -> Path:
-    """The bundle to use, validated (metadata only), or exit with instructions."""
-    from cxr.bundle import NO_BUNDLE_HELP, BundleError, read_meta
+def require_bundle(checkpoint: Path | None = None, *, use_registry: bool = True) -> Path:
+    """The bundle to use, validated (metadata only), or exit with instructions.
 
-    path = checkpoint.resolve() if checkpoint else get_settings().resolved_checkpoint()
+    Order: --checkpoint, CXR_CHECKPOINT, the version activated in the database (unless
+    use_registry is False, as for `cxr predict`), the shipped models/cxr-default.safetensors."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    from cxr.bundle import NO_BUNDLE_HELP, BundleError, read_meta
+    from cxr.registry import resolve_bundle
+
+    settings = get_settings()
+    try:
+        path = checkpoint.resolve() if checkpoint else resolve_bundle(settings, use_registry=use_registry)
+    except (OperationalError, ProgrammingError) as e:
+        raise fail(f"cannot read the model registry from the database ({type(e).__name__}: {e.orig}); "
+                   "is CXR_DATABASE_URL right, and has `cxr db upgrade` been run?")
     if path is None:
         raise fail(NO_BUNDLE_HELP)
     try:
@@ -153,16 +167,14 @@ def up(
     With no configuration this uses SQLite and a serverless (filesystem) Celery transport
     under CXR_HOME (./var). Ctrl-C stops all three cleanly.
     """
-    require_bundle()
     settings = get_settings()
     if inbox is not None:
         settings.inbox = inbox.resolve()
     settings.ensure_dirs()
     db_upgrade("head")
+    require_bundle()
     env = {**os.environ, "CXR_HOME": str(settings.home), "CXR_INBOX": str(settings.inbox),
            "CXR_DATABASE_URL": settings.database_url, "CXR_BROKER_URL": settings.broker_url}
-    ckpt = settings.resolved_checkpoint()
-    env["CXR_CHECKPOINT"] = str(ckpt)
     base = [sys.executable, "-m", "cxr"]
     commands = {
         "worker": base + ["worker", "--concurrency", str(concurrency)],
@@ -224,7 +236,7 @@ def predict(
     from worker.service import screen_options
 
     settings = get_settings()
-    bundle = require_bundle(checkpoint)
+    bundle = require_bundle(checkpoint, use_registry=False)
     import torch
 
     torch.set_num_threads(settings.torch_threads)
@@ -293,6 +305,40 @@ def worklist(
     typer.echo(render(rows, fmt=format.value, columns=(
         "study_id", "filename", "status", "flagged", "predicted_class", "risk", "probabilities", "error")))
     typer.echo(DISCLAIMER, err=True)
+
+
+@model_app.command("list")
+def model_list(
+    format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.table,
+) -> None:
+    """Model versions recorded in the database, with the number of results each made."""
+    from cxr.db import repo
+    from cxr.db.session import session_scope
+    from cxr.output import render
+
+    with session_scope(get_settings().database_url) as session:
+        rows = [{"id": mv.id, "version": mv.version, "architecture": mv.architecture, "active": mv.active,
+                 "results": n, "checkpoint_sha256": mv.checkpoint_sha256[:12], "path": mv.path,
+                 "created_at": mv.created_at.isoformat() if mv.created_at else None}
+                for mv, n in repo.list_model_versions(session)]
+    typer.echo(render(rows, fmt=format.value, columns=(
+        "id", "version", "architecture", "active", "results", "checkpoint_sha256", "created_at", "path")))
+
+
+@model_app.command("activate")
+def model_activate(bundle: Annotated[Path, typer.Argument(help="A bundle written by `cxr train`.")]) -> None:
+    """Make BUNDLE the active model: copied under CXR_HOME/models (so every host sharing
+    CXR_HOME sees it) and recorded in model_versions. Workers use it from their next study.
+    CXR_CHECKPOINT, when set, still wins over the active version."""
+    from cxr.bundle import BundleError
+    from cxr.registry import activate
+
+    try:
+        mv = activate(get_settings(), bundle)
+    except BundleError as e:
+        raise fail(f"cannot activate: {e}")
+    typer.echo(f"active model: version {mv.version} ({mv.architecture}, sha256 {mv.checkpoint_sha256[:12]}) "
+               f"-> {mv.path}")
 
 
 def _register_trainer() -> None:

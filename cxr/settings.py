@@ -129,12 +129,6 @@ class Settings(BaseSettings):
     def uses_filesystem_broker(self) -> bool:
         return self.broker_url.startswith("filesystem://")
 
-    def resolved_checkpoint(self) -> Path | None:
-        """The bundle to load: CXR_CHECKPOINT, else the shipped default if it exists."""
-        if self.checkpoint is not None:
-            return self.checkpoint
-        return DEFAULT_BUNDLE if DEFAULT_BUNDLE.exists() else None
-
     def ensure_dirs(self) -> None:
         for d in (self.home, self.inbox, self.store_dir, self.heatmap_dir):
             d.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ def test_api_imports_no_torch():
 
 def test_worker_without_bundle_stops_with_instructions(tmp_path):
     # No CXR_CHECKPOINT and no shipped default: the worker must refuse, saying how to get a bundle.
+    cxr("db", "upgrade", env=clean_env(CXR_HOME=str(tmp_path)))
     code = ("import sys; from pathlib import Path; import cxr.settings as s; "
             "s.DEFAULT_BUNDLE = Path('/nonexistent/cxr-default.safetensors'); "
             "from cxr.cli import app; app(['worker'], prog_name='cxr')")

@@ -14,6 +14,7 @@ from cxr.bundle import NO_BUNDLE_HELP, BundleError
 from cxr.db import repo
 from cxr.db.models import StudyStatus
 from cxr.db.session import session_scope
+from cxr.registry import resolve_bundle
 from cxr.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,12 @@ def _screener(checkpoint: str, device: str, torch_threads: int, options):
 
 
 def get_screener(settings: Settings):
-    """The process's screener, loaded on first use (never at import, never before a fork)."""
-    ckpt = settings.resolved_checkpoint()
+    """The process's screener, loaded on first use (never at import, never before a fork).
+
+    The bundle is resolved on every call (CXR_CHECKPOINT, else the active version in the
+    database, else the shipped default), so `cxr model activate` takes effect on the next
+    study without a restart; the loaded model is cached per bundle."""
+    ckpt = resolve_bundle(settings)
     if ckpt is None:
         raise NoBundleError(NO_BUNDLE_HELP)
     return _screener(str(ckpt), settings.device, settings.torch_threads, screen_options(settings))

@@ -211,6 +211,31 @@ def ensure_model_version(
     return mv
 
 
+def activate_model_version(session: Session, *, model_version_id: int, path: str) -> ModelVersion:
+    """Make one version the active one (every other is deactivated) and record its bundle path."""
+    session.execute(update(ModelVersion).where(ModelVersion.id != model_version_id).values(active=False))
+    session.execute(update(ModelVersion).where(ModelVersion.id == model_version_id)
+                    .values(active=True, path=path, activated_at=utcnow()))
+    session.flush()
+    return session.get(ModelVersion, model_version_id, populate_existing=True)
+
+
+def active_model_version(session: Session) -> ModelVersion | None:
+    return session.scalar(select(ModelVersion).where(ModelVersion.active.is_(True)))
+
+
+def list_model_versions(session: Session) -> list[tuple[ModelVersion, int]]:
+    """Every version with the number of results made with it, newest first."""
+    counts = (select(Result.model_version_id, func.count(Result.id).label("n"))
+              .group_by(Result.model_version_id).subquery())
+    rows = session.execute(
+        select(ModelVersion, func.coalesce(counts.c.n, 0))
+        .outerjoin(counts, counts.c.model_version_id == ModelVersion.id)
+        .order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())
+    ).all()
+    return [(mv, int(n)) for mv, n in rows]
+
+
 def has_result(session: Session, *, study_id: uuid.UUID, model_version_id: int) -> bool:
     return (
         session.scalar(
