@@ -73,7 +73,7 @@ def evaluate(checkpoint: Path, data: DataConfig, out: Path, *, bootstrap: int = 
                                     bootstrap=0)
         for src, idx in sorted(by_source.items())
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
     (out / "predictions.csv").write_text(
         "path,label,source," + ",".join(f"p_{c}" for c in classes) + "\n"
         + "".join(f"{s.path},{classes[s.label]},{s.source}," + ",".join(f"{p:.6f}" for p in probs[i]) + "\n"
@@ -84,6 +84,17 @@ def evaluate(checkpoint: Path, data: DataConfig, out: Path, *, bootstrap: int = 
     gradcam_grid(loaded, kept, y, probs, out / "gradcam_grid.png", per_class=cam_per_class)
     (out / "summary.md").write_text(summary_markdown(metrics, classes))
     return metrics
+
+
+def json_safe(value: Any) -> Any:
+    """NaN (an AUC with one class absent) becomes null: metrics.json stays strict JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def plot_roc(y, probs, classes, metrics, path: Path) -> None:

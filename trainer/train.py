@@ -104,6 +104,7 @@ def set_backbone_trainable(model: CxrNet, trainable: bool) -> None:
 def train(cfg: TrainConfig, *, resume: Path | None = None) -> Path:
     """Train, calibrate and write ``<out>/model.safetensors`` (+ config, splits, metrics)."""
     seed_everything(cfg.seed)
+    commit = git_commit()  # the code this run starts from (HEAD may move while it trains)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -205,7 +206,7 @@ def train(cfg: TrainConfig, *, resume: Path | None = None) -> Path:
         "split_sizes": {k: len(v) for k, v in splits.items()},
         "val_metrics": summary_metrics(val_metrics),
         "history": history,
-        "git_commit": git_commit(),
+        "git_commit": commit,
     })
     bundle = save_bundle(out / "model.safetensors", model.cpu(), meta, half=cfg.half_weights)
     (out / "val_metrics.json").write_text(json.dumps(val_metrics, indent=2))
