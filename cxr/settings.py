@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -49,7 +50,8 @@ class Settings(BaseSettings):
     queue: str = Field("cxr", description="Celery queue name.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per worker process.")
     device: str = Field("cpu", description="Torch device for inference: cpu, cuda, cuda:N.")
-    heatmaps: bool = Field(True, description="Write a Grad-CAM heatmap PNG for every scored study.")
+    heatmaps: Literal["all", "flagged", "none"] = Field(
+        "all", description="Which scored studies get a Grad-CAM heatmap PNG: all, only flagged ones, or none.")
     watch_settle_seconds: float = Field(1.0, ge=0, description="A file must keep its size this long before intake.")
     broker_poll_seconds: float = Field(0.1, gt=0, description="Polling interval of the filesystem broker.")
     log_level: str = Field("INFO", description="Log level for every process.")

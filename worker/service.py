@@ -45,6 +45,7 @@ def screen_options(settings: Settings):
         ),
         voi=VoiOptions(use_window=settings.voi_use_window,
                        fallback_percentiles=tuple(settings.voi_fallback_percentiles)),
+        heatmaps=settings.heatmaps,
     )
 
 
@@ -113,7 +114,7 @@ def process_study(settings: Settings, study_id: uuid.UUID) -> str:
         log.error("study %s failed: %s", study_id, outcome_error)
         return "failed"
 
-    heatmap_to = settings.heatmap_dir / f"{study_id}.png" if settings.heatmaps else None
+    heatmap_to = settings.heatmap_dir / f"{study_id}.png"  # written only if the heatmap policy wants one
     outcome = screener.screen(data, heatmap_to=heatmap_to)
     with session_scope(settings.database_url) as session:
         repo.update_study_metadata(session, study_id=study_id, metadata=outcome.metadata)

@@ -4,19 +4,60 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
 from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
 
 from worker.screening.model import CxrNet
 
 OVERLAY_MAX_SIDE = 512
 
 
+class _FromLastConv(nn.Module):
+    """The network after its last convolution, fed the saved feature map.
+
+    Grad-CAM at ``conv_head`` needs gradients only through what follows it (BN, pooling and
+    the head), so running ``grad-cam`` on this small module, with the feature map kept from
+    the forward pass that produced the probabilities, gives the same map as a full-model
+    Grad-CAM for a fraction of the cost (no backbone forward or backward)."""
+
+    def __init__(self, model: CxrNet) -> None:
+        super().__init__()
+        self.model = model
+        self.features = nn.Identity()  # grad-cam's target layer: its output is the feature map
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.model.from_last_conv(self.features(a))
+
+
+def gradcam_from_features(
+    model: CxrNet, features: torch.Tensor, *, target_classes: list[int], size: tuple[int, int]
+) -> np.ndarray:
+    """Grad-CAM maps (N, H, W) in [0, 1] from conv_head feature maps (N, C, h, w).
+
+    grad-cam normalises each map at feature resolution; it is then resized to ``size`` with
+    the cv2 bilinear resize grad-cam uses and normalised again, exactly as grad-cam finishes a
+    full-model map, so the two agree."""
+    wrapper = _FromLastConv(model)
+    feats = features.detach().requires_grad_(True)
+    with torch.enable_grad(), GradCAM(model=wrapper, target_layers=[wrapper.features]) as cam:
+        maps = cam(input_tensor=feats, targets=[ClassifierOutputTarget(c) for c in target_classes])
+    h, w = size
+    # As grad-cam does for the full model: resize each layer map to the input size, then
+    # normalise the result again.
+    return scale_cam_image(np.stack([cv2.resize(np.float32(m), (w, h)) for m in maps]))
+
+
 def gradcam(model: CxrNet, x: np.ndarray, *, target_class: int) -> np.ndarray:
-    """Grad-CAM for one input (C, H, W) at the last convolution -> (H, W) in [0, 1]."""
+    """Full-model Grad-CAM for one input (C, H, W) at the last convolution -> (H, W) in [0, 1].
+
+    The reference implementation (backbone forward and backward); the worker uses
+    :func:`gradcam_from_features` where the backbone allows it."""
     dev = next(model.parameters()).device
     tensor = torch.from_numpy(x[None]).to(dev)
     with torch.enable_grad(), GradCAM(model=model, target_layers=[model.cam_target_layer()]) as cam:

@@ -47,6 +47,21 @@ class CxrNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
+    @property
+    def splits_at_last_conv(self) -> bool:
+        """True for backbones (the EfficientNet family) with a final ``conv_head``."""
+        return all(hasattr(self.backbone, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2",
+                                                       "forward_head"))
+
+    def last_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``conv_head`` output (before its BN/activation): the Grad-CAM feature map."""
+        b = self.backbone
+        return b.conv_head(b.blocks(b.bn1(b.conv_stem(x))))
+
+    def from_last_conv(self, a: torch.Tensor) -> torch.Tensor:
+        """Logits from the ``conv_head`` output: ``forward(x) == from_last_conv(last_conv(x))``."""
+        return self.head(self.backbone.forward_head(self.backbone.bn2(a)))
+
     def cam_target_layer(self) -> nn.Module:
         """The last convolution: ``conv_head`` where the backbone has one, else its last block."""
         if hasattr(self.backbone, "conv_head"):

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cxr.bundle import BundleMeta
 from worker.screening.decode import ImageDecodeError, VoiOptions, decode, decode_pixels, open_image
-from worker.screening.explain import gradcam, save_heatmap
+from worker.screening.explain import gradcam, gradcam_from_features, save_heatmap
 from worker.screening.gate import GateRules, Rejection, check_header, check_image, status_for
-from worker.screening.infer import infer
 from worker.screening.model import LoadedModel
 from worker.screening.preprocess import preprocess
 
@@ -55,6 +55,7 @@ class ScreenOptions:
     max_pixels: int = 80_000_000
     gate: GateRules = field(default_factory=GateRules)
     voi: VoiOptions = field(default_factory=VoiOptions)
+    heatmaps: str = "all"  # "all" | "flagged" | "none": which scored studies get a Grad-CAM
 
 
 class Rejected(ImageDecodeError):
@@ -110,15 +111,28 @@ class Screener:
                            metadata=getattr(e, "metadata", {}))
         x = to_model(pixels, self.meta)
         t1 = time.perf_counter()
-        probs_arr = infer(self.loaded.model, x[None], temperature=self.meta.temperature, device=self.loaded.device)[0]
+        model, dev = self.loaded.model, self.loaded.device
+        tensor = torch.from_numpy(x[None]).to(dev)
+        with torch.no_grad():
+            if model.splits_at_last_conv:
+                features = model.last_conv(tensor)  # kept for a Grad-CAM without a second pass
+                logits = model.from_last_conv(features)
+            else:
+                features, logits = None, model(tensor)
+        probs_arr = torch.softmax(logits.float() / self.meta.temperature, dim=1)[0].cpu().numpy().astype(np.float64)
         t2 = time.perf_counter()
         probs = {c: float(p) for c, p in zip(self.meta.classes, probs_arr)}
         predicted = max(probs, key=probs.__getitem__)
         risk, flagged = risk_and_flag(probs, self.meta)
         heatmap_path = None
         timings = {"decode_preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3}
-        if heatmap_to is not None:
-            cam = gradcam(self.loaded.model, x, target_class=self.meta.classes.index(predicted))
+        wanted = self.options.heatmaps == "all" or (self.options.heatmaps == "flagged" and flagged)
+        if heatmap_to is not None and wanted:
+            target = self.meta.classes.index(predicted)
+            if features is not None:
+                cam = gradcam_from_features(model, features, target_classes=[target], size=x.shape[1:])[0]
+            else:
+                cam = gradcam(model, x, target_class=target)
             heatmap_path = str(save_heatmap(pixels, cam, heatmap_to))
             timings["gradcam"] = (time.perf_counter() - t2) * 1e3
         return Outcome(

@@ -1,0 +1,56 @@
+"""Grad-CAM from the saved feature map equals grad-cam's full-model map; the heatmap policy."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cxr.settings import PROJECT_ROOT
+from tests.imagegen import write_png
+from worker.screening.explain import gradcam, gradcam_from_features
+from worker.screening.model import load_bundle
+from worker.screening.pipeline import ScreenOptions, Screener, model_input
+
+SHIPPED = PROJECT_ROOT / "models" / "cxr-default.safetensors"
+
+
+def bundles(tiny_bundle: Path) -> list[Path]:
+    return [tiny_bundle] + ([SHIPPED] if SHIPPED.exists() else [])
+
+
+def test_head_only_gradcam_equals_full_model_gradcam(tmp_path, tiny_bundle):
+    for bundle in bundles(tiny_bundle):
+        loaded = load_bundle(bundle)
+        model = loaded.model
+        for seed in range(3):
+            _, x, _ = model_input(write_png(tmp_path / f"{seed}.png", seed=seed).read_bytes(), loaded.meta)
+            tensor = torch.from_numpy(x[None])
+            with torch.no_grad():
+                feats = model.last_conv(tensor)
+                split_logits = model.from_last_conv(feats)
+                full_logits = model(tensor)
+            assert torch.allclose(split_logits, full_logits, atol=1e-6)
+            for target in range(3):
+                cheap = gradcam_from_features(model, feats, target_classes=[target], size=x.shape[1:])[0]
+                full = gradcam(model, x, target_class=target)
+                assert cheap.shape == full.shape == x.shape[1:]
+                assert np.abs(cheap - full).max() <= 1e-4, (bundle.name, seed, target)
+
+
+@pytest.mark.parametrize("policy", ["all", "flagged", "none"])
+def test_heatmap_policy_is_honoured(tmp_path, tiny_bundle, policy):
+    loaded = load_bundle(tiny_bundle)
+    # Thresholds that flag Tuberculosis always and Pneumonia never make the outcome predictable.
+    for flag in (True, False):
+        meta = replace(loaded.meta, thresholds={"Tuberculosis": 0.0 if flag else 1.1})
+        screener = Screener(replace(loaded, meta=meta), ScreenOptions(heatmaps=policy))
+        out = screener.screen(write_png(tmp_path / "a.png").read_bytes(), heatmap_to=tmp_path / f"h{flag}.png")
+        assert out.status == "done" and out.flagged is flag
+        expected = policy == "all" or (policy == "flagged" and flag)
+        assert (out.heatmap_path is not None) is expected
+        assert (tmp_path / f"h{flag}.png").exists() is expected
+        assert ("gradcam" in out.timings_ms) is expected
