@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     checkpoint: Path | None = Field(None, description="Model bundle (.safetensors) the workers load.")
     queue: str = Field("cxr", description="Celery queue name.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per worker process.")
+    engine: Literal["torch", "onnx"] = Field(
+        "torch", description="Inference engine: torch, or onnx (onnxruntime, CPU; Grad-CAM stays in torch).")
     device: str = Field("cpu", description="Torch device for inference: cpu, cuda, cuda:N.")
     heatmaps: Literal["all", "flagged", "none"] = Field(
         "all", description="Which scored studies get a Grad-CAM heatmap PNG: all, only flagged ones, or none.")

@@ -46,6 +46,9 @@ def screen_options(settings: Settings):
         voi=VoiOptions(use_window=settings.voi_use_window,
                        fallback_percentiles=tuple(settings.voi_fallback_percentiles)),
         heatmaps=settings.heatmaps,
+        engine=settings.engine,
+        cache_dir=settings.home / "onnx",
+        threads=settings.torch_threads,
     )
 
 

@@ -56,6 +56,9 @@ class ScreenOptions:
     gate: GateRules = field(default_factory=GateRules)
     voi: VoiOptions = field(default_factory=VoiOptions)
     heatmaps: str = "all"  # "all" | "flagged" | "none": which scored studies get a Grad-CAM
+    engine: str = "torch"  # "torch" | "onnx" (onnxruntime on the CPU; Grad-CAM stays in torch)
+    cache_dir: Path | None = None  # where the ONNX export is cached (by bundle sha256)
+    threads: int = 1
 
 
 class Rejected(ImageDecodeError):
@@ -100,6 +103,29 @@ class Screener:
         self.loaded = loaded
         self.meta = loaded.meta
         self.options = options
+        self.onnx = None
+        if options.engine == "onnx":
+            from worker.screening.onnx_engine import OnnxEngine
+
+            if loaded.device.type != "cpu":
+                raise ValueError("CXR_ENGINE=onnx runs on the CPU; use CXR_ENGINE=torch with CXR_DEVICE=cuda")
+            self.onnx = OnnxEngine(loaded.model, sha256=loaded.sha256, in_chans=self.meta.in_chans,
+                                   input_size=self.meta.input_size, threads=options.threads,
+                                   cache_dir=options.cache_dir or loaded.path.parent)
+        elif options.engine != "torch":
+            raise ValueError(f"unknown engine {options.engine!r}: use torch or onnx")
+
+    def forward(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, C, H, W) -> (logits, conv_head features or None), without gradients."""
+        if self.onnx is not None:
+            return self.onnx(x)
+        model = self.loaded.model
+        tensor = torch.from_numpy(x).to(self.loaded.device)
+        with torch.no_grad():
+            if model.splits_at_last_conv:
+                features = model.last_conv(tensor)  # kept for a Grad-CAM without a second pass
+                return model.from_last_conv(features), features
+            return model(tensor), None
 
     def screen(self, data: bytes, *, heatmap_to: Path | None = None) -> Outcome:
         """Score one file. Input problems come back as an Outcome, never as an exception."""
@@ -111,14 +137,8 @@ class Screener:
                            metadata=getattr(e, "metadata", {}))
         x = to_model(pixels, self.meta)
         t1 = time.perf_counter()
-        model, dev = self.loaded.model, self.loaded.device
-        tensor = torch.from_numpy(x[None]).to(dev)
-        with torch.no_grad():
-            if model.splits_at_last_conv:
-                features = model.last_conv(tensor)  # kept for a Grad-CAM without a second pass
-                logits = model.from_last_conv(features)
-            else:
-                features, logits = None, model(tensor)
+        model = self.loaded.model
+        logits, features = self.forward(x[None])
         probs_arr = torch.softmax(logits.float() / self.meta.temperature, dim=1)[0].cpu().numpy().astype(np.float64)
         t2 = time.perf_counter()
         probs = {c: float(p) for c, p in zip(self.meta.classes, probs_arr)}
