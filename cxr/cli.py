@@ -101,16 +101,25 @@ def worker(
 ) -> None:
     """Run a Celery worker that screens queued studies.
 
-    The model bundle (CXR_CHECKPOINT) is loaded lazily, once per worker process, on its
-    first task. Start as many workers, on as many hosts, as you like: they share the
-    database (CXR_DATABASE_URL), the broker (CXR_BROKER_URL) and the store (CXR_HOME).
+    The model bundle is loaded once per worker process, after any fork. With
+    CXR_MAX_BATCH > 1 the worker takes that many studies at once (threads pool): each is
+    decoded in its own thread and their forward passes are batched together.
+
+    Start as many workers, on as many hosts, as you like: they share the database
+    (CXR_DATABASE_URL), the broker (CXR_BROKER_URL) and the store (CXR_HOME).
     """
     require_bundle()
     settings = get_settings()
     settings.ensure_dirs()
     from worker.tasks import app as celery_app
 
-    pool = "solo" if concurrency == 1 else "prefork"
+    if settings.max_batch > 1:
+        if concurrency != 1:
+            raise fail("CXR_MAX_BATCH > 1 runs one process with a threads pool; start more `cxr worker` "
+                       "processes instead of --concurrency")
+        pool, concurrency = "threads", settings.max_batch
+    else:
+        pool = "solo" if concurrency == 1 else "prefork"
     celery_app.worker_main([
         "worker", f"--loglevel={settings.log_level}", "-Q", settings.queue, f"--concurrency={concurrency}",
         f"--pool={pool}", "-n", f"cxr-{os.getpid()}@%h", "--without-gossip", "--without-mingle",

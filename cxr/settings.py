@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per worker process.")
     engine: Literal["torch", "onnx"] = Field(
         "torch", description="Inference engine: torch, or onnx (onnxruntime, CPU; Grad-CAM stays in torch).")
+    max_batch: int = Field(1, ge=1, description="Studies per forward pass; > 1 runs the worker with a "
+                           "threads pool of this many and micro-batches their forward passes.")
+    max_wait_ms: float = Field(50.0, ge=0, description="How long a batch waits for more studies after its first.")
     device: str = Field("cpu", description="Torch device for inference: cpu, cuda, cuda:N.")
     heatmaps: Literal["all", "flagged", "none"] = Field(
         "all", description="Which scored studies get a Grad-CAM heatmap PNG: all, only flagged ones, or none.")

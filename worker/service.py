@@ -6,6 +6,7 @@ Plain functions, called by the Celery task; testable without Celery.
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from functools import lru_cache
 from pathlib import Path
@@ -49,7 +50,12 @@ def screen_options(settings: Settings):
         engine=settings.engine,
         cache_dir=settings.home / "onnx",
         threads=settings.torch_threads,
+        max_batch=settings.max_batch,
+        max_wait_ms=settings.max_wait_ms,
     )
+
+
+_load_lock = threading.Lock()
 
 
 @lru_cache(maxsize=1)
@@ -72,7 +78,8 @@ def get_screener(settings: Settings):
     ckpt = resolve_bundle(settings)
     if ckpt is None:
         raise NoBundleError(NO_BUNDLE_HELP)
-    return _screener(str(ckpt), settings.device, settings.torch_threads, screen_options(settings))
+    with _load_lock:  # a threads pool must not load the same model twice
+        return _screener(str(ckpt), settings.device, settings.torch_threads, screen_options(settings))
 
 
 @lru_cache(maxsize=4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 
 from cxr.queue import SCREEN_TASK, get_celery
 from cxr.settings import get_settings
@@ -38,4 +38,11 @@ def warm_up() -> None:
 @worker_process_init.connect  # sent in each prefork child, and once by the solo pool
 def _warm(**_: object) -> None:
     warm_up()
+
+
+@worker_ready.connect  # the threads pool sends no worker_process_init; it never forks
+def _warm_threads(sender=None, **_: object) -> None:
+    pool_cls = getattr(getattr(sender, "controller", None), "pool_cls", None)
+    if pool_cls is not None and getattr(pool_cls, "__module__", "") == "celery.concurrency.thread":
+        warm_up()
 

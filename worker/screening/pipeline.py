@@ -6,6 +6,7 @@ Shared by ``cxr predict`` and the Celery worker, so both decode, gate and score 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,8 @@ class ScreenOptions:
     engine: str = "torch"  # "torch" | "onnx" (onnxruntime on the CPU; Grad-CAM stays in torch)
     cache_dir: Path | None = None  # where the ONNX export is cached (by bundle sha256)
     threads: int = 1
+    max_batch: int = 1  # > 1: concurrent screen() calls share forward passes (see batching.py)
+    max_wait_ms: float = 50.0
 
 
 class Rejected(ImageDecodeError):
@@ -104,6 +107,9 @@ class Screener:
         self.meta = loaded.meta
         self.options = options
         self.onnx = None
+        # Grad-CAM runs one at a time: concurrent backward passes through the shared model
+        # from several worker threads crashed the process here (SIGSEGV). It is cheap (head only).
+        self._cam_lock = threading.Lock()
         if options.engine == "onnx":
             from worker.screening.onnx_engine import OnnxEngine
 
@@ -114,6 +120,12 @@ class Screener:
                                    cache_dir=options.cache_dir or loaded.path.parent)
         elif options.engine != "torch":
             raise ValueError(f"unknown engine {options.engine!r}: use torch or onnx")
+        self.run_forward = lambda x: (*self.forward(x), len(x))
+        if options.max_batch > 1:
+            from worker.screening.batching import MicroBatcher
+
+            self.run_forward = MicroBatcher(self.forward, max_batch=options.max_batch,
+                                            max_wait_ms=options.max_wait_ms)
 
     def forward(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(N, C, H, W) -> (logits, conv_head features or None), without gradients."""
@@ -138,21 +150,22 @@ class Screener:
         x = to_model(pixels, self.meta)
         t1 = time.perf_counter()
         model = self.loaded.model
-        logits, features = self.forward(x[None])
+        logits, features, batch_size = self.run_forward(x[None])
         probs_arr = torch.softmax(logits.float() / self.meta.temperature, dim=1)[0].cpu().numpy().astype(np.float64)
         t2 = time.perf_counter()
         probs = {c: float(p) for c, p in zip(self.meta.classes, probs_arr)}
         predicted = max(probs, key=probs.__getitem__)
         risk, flagged = risk_and_flag(probs, self.meta)
         heatmap_path = None
-        timings = {"decode_preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3}
+        timings = {"decode_preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "batch_size": batch_size}
         wanted = self.options.heatmaps == "all" or (self.options.heatmaps == "flagged" and flagged)
         if heatmap_to is not None and wanted:
             target = self.meta.classes.index(predicted)
-            if features is not None:
-                cam = gradcam_from_features(model, features, target_classes=[target], size=x.shape[1:])[0]
-            else:
-                cam = gradcam(model, x, target_class=target)
+            with self._cam_lock:
+                if features is not None:
+                    cam = gradcam_from_features(model, features, target_classes=[target], size=x.shape[1:])[0]
+                else:
+                    cam = gradcam(model, x, target_class=target)
             heatmap_path = str(save_heatmap(pixels, cam, heatmap_to))
             timings["gradcam"] = (time.perf_counter() - t2) * 1e3
         return Outcome(

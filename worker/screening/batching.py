@@ -1,0 +1,68 @@
+"""Micro-batching: many threads each ask for one forward pass; one thread runs them together.
+
+A worker that takes several studies at once (Celery's threads pool) decodes and
+preprocesses each in its own thread, then hands the model input to the batcher. The
+batcher runs one forward pass for up to ``max_batch`` inputs, or for whatever arrived within
+``max_wait_ms`` of the first, and gives each caller its own row back. Everything else
+(acknowledgement, failure, Grad-CAM, storing) stays per study.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+Forward = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor | None]]
+Row = tuple[torch.Tensor, torch.Tensor | None, int]
+
+
+class MicroBatcher:
+    def __init__(self, forward: Forward, *, max_batch: int, max_wait_ms: float) -> None:
+        if max_batch < 2:
+            raise ValueError("max_batch must be at least 2 to batch anything")
+        self.forward = forward
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000
+        self._queue: queue.Queue[tuple[np.ndarray, Future]] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="cxr-batcher", daemon=True)
+        self._thread.start()
+
+    def __call__(self, x: np.ndarray) -> Row:
+        """One input (1, C, H, W) -> its (logits (1, K), features (1, ...) or None, batch size)."""
+        future: Future = Future()
+        self._queue.put((x, future))
+        return future.result()
+
+    def _collect(self) -> list[tuple[np.ndarray, Future]]:
+        items = [self._queue.get()]
+        deadline = time.monotonic() + self.max_wait
+        while len(items) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                items.append(self._queue.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return items
+
+    def _run(self) -> None:
+        while True:
+            items = self._collect()
+            try:
+                logits, features = self.forward(np.concatenate([x for x, _ in items]))
+            except Exception as e:  # handed to every caller of this batch, who records it per study
+                log.exception("batched forward pass of %d studies failed", len(items))
+                for _, future in items:
+                    future.set_exception(e)
+                continue
+            for i, (_, future) in enumerate(items):
+                future.set_result((logits[i:i + 1], None if features is None else features[i:i + 1], len(items)))
