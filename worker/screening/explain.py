@@ -88,6 +88,6 @@ def render_overlay(pixels: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4) -
 def save_heatmap(pixels: np.ndarray, cam: np.ndarray, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    render_overlay(pixels, cam).save(tmp, format="PNG")
+    render_overlay(pixels, cam).save(tmp, format="PNG", compress_level=1)  # encoding dominates a heatmap's cost
     tmp.replace(path)
     return path
