@@ -1,11 +1,13 @@
-"""Injected dependencies: settings, a database session, the Celery client."""
+"""Injected dependencies: settings, a database session, the Celery client, the API key check."""
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
 
 from celery import Celery
-from fastapi import Depends
+from fastapi import Depends, HTTPException, Security
+from fastapi.security import APIKeyHeader
 from sqlalchemy.orm import Session
 
 from cxr.db.session import session_factory
@@ -27,3 +29,19 @@ def session_dep(settings: Settings = Depends(settings_dep)) -> Iterator[Session]
 
 def celery_dep() -> Celery:
     return get_celery()
+
+
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                              description="Required on every endpoint except /health when API keys are configured.")
+
+
+def require_api_key(
+    settings: Settings = Depends(settings_dep),
+    key: str | None = Security(api_key_header),
+) -> None:
+    """401 unless X-API-Key matches one of CXR_API_KEYS; open when no key is configured."""
+    if not settings.api_keys:
+        return
+    if key and any(hmac.compare_digest(key.encode(), k.get_secret_value().encode()) for k in settings.api_keys):
+        return
+    raise HTTPException(401, "missing or invalid X-API-Key", headers={"WWW-Authenticate": "APIKey"})

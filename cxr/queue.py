@@ -11,6 +11,13 @@ from cxr.settings import Settings, get_settings
 
 SCREEN_TASK = "cxr.screen_study"
 
+# Task priorities. On Redis, kombu keeps one list per priority step (0, 3, 6, 9) and a
+# worker always takes from the lowest number first: 0 is served first. Interactive calls
+# (POST /predict*) use PRIORITY_HIGH; batch intake (POST /jobs, the watcher) PRIORITY_BATCH.
+# The filesystem transport has no priorities: there every task is first in, first out.
+PRIORITY_HIGH = 0
+PRIORITY_BATCH = 6
+
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("cxr", broker=settings.broker_url)
@@ -49,5 +56,5 @@ def get_celery() -> Celery:
     return make_celery(get_settings())
 
 
-def enqueue_study(app: Celery, study_id: str) -> None:
-    app.send_task(SCREEN_TASK, args=[study_id])
+def enqueue_study(app: Celery, study_id: str, *, priority: int = PRIORITY_BATCH) -> None:
+    app.send_task(SCREEN_TASK, args=[study_id], priority=priority)

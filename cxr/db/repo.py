@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -299,6 +299,36 @@ class WorklistRow:
     study: Study
     result: Result | None
 
+    @property
+    def key(self) -> "WorklistKey":
+        """This row's place in the worklist order (what a cursor points after)."""
+        return WorklistKey(
+            group=_group_of(self.study.status),
+            flagged=1 if self.result is not None and self.result.flagged else 0,
+            risk=float(self.result.risk) if self.result is not None else -1.0,
+            created_at=self.study.created_at,
+            study_id=self.study.id,
+        )
+
+
+@dataclass(frozen=True)
+class WorklistKey:
+    """A position in the worklist order: (group, flagged, risk, created_at, study id)."""
+
+    group: int
+    flagged: int
+    risk: float
+    created_at: datetime
+    study_id: uuid.UUID
+
+
+def _group_of(status: str) -> int:
+    if status == StudyStatus.done.value:
+        return 0
+    if status in (StudyStatus.queued.value, StudyStatus.processing.value):
+        return 1
+    return 2
+
 
 def latest_result(study: Study) -> Result | None:
     return study.results[-1] if study.results else None
@@ -309,10 +339,18 @@ def worklist(
     *,
     status: str | None = None,
     since: datetime | None = None,
+    until: datetime | None = None,
+    flagged: bool | None = None,
+    predicted_class: str | None = None,
+    model_version: str | None = None,
+    after: WorklistKey | None = None,
     limit: int | None = 100,
 ) -> list[WorklistRow]:
     """Studies for review: scored ones first, flagged before unflagged, highest risk first;
-    then queued/processing; then rejected and failed ones, newest first."""
+    then queued/processing; then rejected and failed ones, newest first (ties: study id).
+
+    ``flagged``, ``predicted_class`` and ``model_version`` filter on the newest result.
+    ``after`` continues the list after that row (keyset pagination: stable while rows are added)."""
     # The newest result per study (a max(id) subquery works on SQLite and Postgres alike).
     latest = select(Result.study_id, func.max(Result.id).label("rid")).group_by(Result.study_id).subquery()
     stmt = (
@@ -324,20 +362,45 @@ def worklist(
         stmt = stmt.where(Study.status == status)
     if since is not None:
         stmt = stmt.where(Study.created_at >= since)
+    if until is not None:
+        stmt = stmt.where(Study.created_at < until)
+    if flagged is not None:
+        stmt = stmt.where(Result.flagged.is_(flagged))
+    if predicted_class:
+        stmt = stmt.where(Result.predicted_class == predicted_class)
+    if model_version:
+        stmt = stmt.where(Result.model_version_id.in_(
+            select(ModelVersion.id).where(ModelVersion.version == model_version)))
     group = case(
         (Study.status == StudyStatus.done.value, 0),
         (Study.status.in_([StudyStatus.queued.value, StudyStatus.processing.value]), 1),
         else_=2,
     )
-    stmt = stmt.order_by(
-        group,
-        Result.flagged.desc().nulls_last(),
-        Result.risk.desc().nulls_last(),
-        Study.created_at.desc(),
-    )
+    # No result sorts as unflagged with risk -1: after every scored row of its group, as NULLS LAST did.
+    flag = case((Result.flagged.is_(True), 1), else_=0)
+    risk = func.coalesce(Result.risk, -1.0)
+    if after is not None:
+        stmt = stmt.where(or_(
+            group > after.group,
+            and_(group == after.group, or_(
+                flag < after.flagged,
+                and_(flag == after.flagged, or_(
+                    risk < after.risk,
+                    and_(risk == after.risk, or_(
+                        Study.created_at < after.created_at,
+                        and_(Study.created_at == after.created_at, Study.id < after.study_id),
+                    )),
+                )),
+            )),
+        ))
+    stmt = stmt.order_by(group, flag.desc(), risk.desc(), Study.created_at.desc(), Study.id.desc())
     if limit:
         stmt = stmt.limit(limit)
     return [WorklistRow(study=s, result=r) for s, r in session.execute(stmt).all()]
+
+
+def study_statuses(session: Session, *, study_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+    return dict(session.execute(select(Study.id, Study.status).where(Study.id.in_(study_ids))).all())
 
 
 def study_summary(study: Study, result: Result | None) -> dict[str, Any]:
