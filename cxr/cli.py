@@ -34,6 +34,9 @@ app.add_typer(db_app, name="db")
 model_app = typer.Typer(help="Model versions: which bundle the workers use.", no_args_is_help=True,
                         rich_markup_mode="markdown")
 app.add_typer(model_app, name="model")
+apikey_app = typer.Typer(help="API keys stored (hashed) in the database.", no_args_is_help=True,
+                         rich_markup_mode="markdown")
+app.add_typer(apikey_app, name="apikey")
 log = logging.getLogger("cxr")
 
 
@@ -147,11 +150,15 @@ def api(
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
 ) -> None:
-    """Run the HTTP intake API under uvicorn (docs at /docs)."""
+    """Run the HTTP intake API under uvicorn (docs at /docs).
+
+    With no API key configured (CXR_API_KEYS or `cxr apikey create`) the API is open to
+    anyone who can reach it: it binds to 127.0.0.1 by default, and says so."""
     import uvicorn
 
     settings = get_settings()
     settings.ensure_dirs()
+    _warn_if_open(settings, host)
     uvicorn.run("api.main:app", host=host, port=port, log_level=settings.log_level.lower())
 
 
@@ -202,6 +209,25 @@ def up(
             log.warning("%s did not stop in time; killing it", name)
             p.kill()
     raise typer.Exit(1 if exited else 0)
+
+
+def _warn_if_open(settings, host: str) -> None:
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    from cxr.db import repo
+    from cxr.db.session import session_scope
+
+    if settings.api_keys:
+        return
+    try:
+        with session_scope(settings.database_url) as session:
+            if repo.api_key_status(session, key_sha256=None)[0]:
+                return
+    except (OperationalError, ProgrammingError) as e:
+        log.warning("cannot read API keys from the database (%s); run `cxr db upgrade`", type(e).__name__)
+    log.warning("no API key is configured (CXR_API_KEYS or `cxr apikey create`): the API on %s is open to anyone "
+                "who can reach it%s", host, "" if host in ("127.0.0.1", "localhost", "::1") else
+                "; it is bound to a non-loopback address")
 
 
 def iter_inputs(paths: list[Path]) -> list[Path]:
@@ -339,6 +365,54 @@ def model_activate(bundle: Annotated[Path, typer.Argument(help="A bundle written
         raise fail(f"cannot activate: {e}")
     typer.echo(f"active model: version {mv.version} ({mv.architecture}, sha256 {mv.checkpoint_sha256[:12]}) "
                f"-> {mv.path}")
+
+
+@apikey_app.command("create")
+def apikey_create(
+    name: Annotated[str, typer.Option(help="Who or what the key is for (shown by `cxr apikey list`).")] = "default",
+) -> None:
+    """Create an API key. It is printed once; the database keeps only its sha256."""
+    from cxr import apikeys
+    from cxr.db import repo
+    from cxr.db.session import session_scope
+
+    key = apikeys.generate()
+    with session_scope(get_settings().database_url) as session:
+        row = repo.add_api_key(session, name=name[:64], prefix=apikeys.prefix_of(key), key_sha256=apikeys.digest(key))
+        key_id = row.id
+    typer.echo(key)
+    typer.echo(f"API key {key_id} ({name}) created; it is shown only now. Send it as the X-API-Key header.", err=True)
+
+
+@apikey_app.command("revoke")
+def apikey_revoke(key: Annotated[str, typer.Argument(help="The key's id or prefix (from `cxr apikey list`).")]) -> None:
+    """Revoke an API key: it stops working at once."""
+    from cxr.db import repo
+    from cxr.db.session import session_scope
+
+    with session_scope(get_settings().database_url) as session:
+        revoked = (repo.revoke_api_key(session, key_id=int(key)) if key.isdigit()
+                   else repo.revoke_api_key(session, prefix=key))
+        ids = [k.id for k in revoked]
+    if not ids:
+        raise fail(f"no active API key with id or prefix {key!r}")
+    typer.echo(f"revoked API key(s) {', '.join(map(str, ids))}")
+
+
+@apikey_app.command("list")
+def apikey_list(
+    format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.table,
+) -> None:
+    """API keys in the database (prefix only; the keys themselves are not stored)."""
+    from cxr.db import repo
+    from cxr.db.session import session_scope
+    from cxr.output import render
+
+    with session_scope(get_settings().database_url) as session:
+        rows = [{"id": k.id, "name": k.name, "prefix": k.prefix, "created_at": k.created_at.isoformat(),
+                 "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None}
+                for k in repo.list_api_keys(session)]
+    typer.echo(render(rows, fmt=format.value, columns=("id", "name", "prefix", "created_at", "revoked_at")))
 
 
 def _register_trainer() -> None:

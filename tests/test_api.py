@@ -14,7 +14,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from cxr.db.models import Study
+from cxr.db.models import ApiKey, Study
 from cxr.db.session import session_scope
 from tests.badfiles import png_bytes
 from tests.imagegen import chest_like, write_dicom
@@ -267,3 +267,20 @@ def test_predict_times_out_with_the_study_id_and_high_priority_goes_first(api, t
     finally:
         codes = stack.stop()
     assert codes.get("worker2") == 0, stack.logs()
+
+
+def test_database_keys_work_until_revoked(api):
+    out = cxr("apikey", "create", "--name", "ris-script", env=api.env)
+    key = out.stdout.strip()
+    assert key.startswith("cxr_") and len(key) > 40
+    assert api.client(key).get("/model/info").status_code == 200
+    listed = json.loads(cxr("apikey", "list", "--format", "json", env=api.env).stdout)
+    mine = [k for k in listed if k["name"] == "ris-script"]
+    assert len(mine) == 1 and key.startswith(mine[0]["prefix"]) and key not in json.dumps(listed)
+    with session_scope(api.db_url) as s:  # only the hash is stored
+        dump = repr(s.execute(select(ApiKey.__table__)).all())
+    assert key not in dump
+    cxr("apikey", "revoke", mine[0]["prefix"], env=api.env)
+    assert api.client(key).get("/model/info").status_code == 401
+    assert api.client().get("/model/info").status_code == 200  # CXR_API_KEYS still work
+    assert cxr("apikey", "revoke", mine[0]["prefix"], env=api.env, check=False).returncode == 2

@@ -168,3 +168,17 @@ class Result(Base):
 
     study: Mapped[Study] = relationship(back_populates="results")
     model_version: Mapped[ModelVersion] = relationship()
+
+
+class ApiKey(Base):
+    """An API key, stored only as its sha256 (keys are 256-bit random tokens, so a plain
+    hash cannot be reversed). ``prefix`` (the first characters) lets people tell keys apart."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from cxr.db.models import (
-    STUDY_METADATA_COLUMNS, Job, JobStudy, ModelVersion, Result, Study, StudyFile, StudyStatus, utcnow,
+    STUDY_METADATA_COLUMNS, ApiKey, Job, JobStudy, ModelVersion, Result, Study, StudyFile, StudyStatus, utcnow,
 )
 
 
@@ -424,3 +424,39 @@ def study_summary(study: Study, result: Result | None) -> dict[str, Any]:
         "created_at": study.created_at.isoformat() if study.created_at else None,
         "finished_at": study.finished_at.isoformat() if study.finished_at else None,
     }
+
+
+def add_api_key(session: Session, *, name: str, prefix: str, key_sha256: str) -> ApiKey:
+    key = ApiKey(name=name, prefix=prefix, key_sha256=key_sha256)
+    session.add(key)
+    session.flush()
+    return key
+
+
+def revoke_api_key(session: Session, *, key_id: int | None = None, prefix: str | None = None) -> list[ApiKey]:
+    """Revoke the active key(s) with this id or prefix; returns what was revoked."""
+    stmt = select(ApiKey).where(ApiKey.revoked_at.is_(None))
+    if key_id is not None:
+        stmt = stmt.where(ApiKey.id == key_id)
+    elif prefix:
+        stmt = stmt.where(ApiKey.prefix == prefix)
+    else:
+        return []
+    keys = list(session.scalars(stmt))
+    for key in keys:
+        key.revoked_at = utcnow()
+    session.flush()
+    return keys
+
+
+def list_api_keys(session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
+
+
+def api_key_status(session: Session, *, key_sha256: str | None) -> tuple[bool, bool]:
+    """(any active key is stored, this hash is an active stored key)."""
+    active = ApiKey.revoked_at.is_(None)
+    any_active = session.scalar(select(ApiKey.id).where(active).limit(1)) is not None
+    match = bool(key_sha256) and any_active and session.scalar(
+        select(ApiKey.id).where(active, ApiKey.key_sha256 == key_sha256)) is not None
+    return any_active, match
