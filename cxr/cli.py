@@ -289,6 +289,69 @@ def predict(
         raise typer.Exit(1)
 
 
+@app.command()
+def submit(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders (searched recursively), or zip files.")],
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until every study is finished and print the results.")] = False,
+    url: Annotated[Optional[str], typer.Option(help="API base URL (default CXR_API_URL).")] = None,
+    per_request: Annotated[int, typer.Option(min=1, help="Files per POST /jobs request.")] = 16,
+    timeout: Annotated[float, typer.Option(help="With --wait: give up after this many seconds.")] = 3600,
+    format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.table,
+) -> None:
+    """Send files to a running API (POST /jobs) and print the study ids; with --wait, poll
+    until they are finished and print the results. The key is CXR_API_KEY."""
+    import httpx
+    from tqdm import tqdm
+
+    from cxr.output import render
+
+    settings = get_settings()
+    base = (url or settings.api_url).rstrip("/")
+    headers = {"X-API-Key": settings.api_key.get_secret_value()} if settings.api_key else {}
+    files = iter_inputs(paths)
+    if not files:
+        raise fail("no files to send")
+    jobs: list[str] = []
+    rows: list[dict] = []
+    with httpx.Client(base_url=base, headers=headers, timeout=httpx.Timeout(30, write=300, read=300)) as client:
+        with tqdm(total=len(files), desc="uploading", unit="file", file=sys.stderr, disable=len(files) < 2) as bar:
+            for start in range(0, len(files), per_request):
+                chunk = files[start:start + per_request]
+                handles = [f.open("rb") for f in chunk]
+                try:
+                    r = client.post("/jobs", files=[("files", (f.name, h, "application/octet-stream"))
+                                                    for f, h in zip(chunk, handles)])
+                finally:
+                    for h in handles:
+                        h.close()
+                if r.status_code != 202:
+                    raise fail(f"POST /jobs answered {r.status_code}: {r.text[:500]}", code=1)
+                body = r.json()
+                jobs.append(body["job_id"])
+                rows += body["studies"]
+                bar.update(len(chunk))
+        if wait:
+            deadline = time.monotonic() + timeout
+            rows = []
+            with tqdm(total=len(jobs), desc="screening", unit="job", file=sys.stderr, disable=len(jobs) < 2) as bar:
+                for job_id in jobs:
+                    while True:
+                        r = client.get(f"/jobs/{job_id}")
+                        r.raise_for_status()
+                        body = r.json()
+                        if body["status"] == "done":
+                            rows += body["studies"]
+                            bar.update(1)
+                            break
+                        if time.monotonic() > deadline:
+                            raise fail(f"job {job_id} not finished after {timeout:g} s", code=1)
+                        time.sleep(0.5)
+    columns = ("study_id", "filename", "status", "predicted_class", "flagged", "reject_code") if wait else \
+        ("study_id", "filename", "status", "duplicate")
+    typer.echo(render(rows, fmt=format.value, columns=columns))
+    typer.echo(DISCLAIMER, err=True)
+
+
 WORKLIST_COLUMNS = ("study_id", "filename", "status", "flagged", "predicted_class", "risk", "probabilities",
                     "reject_code", "error")
 # (title, statuses, columns) of the worklist table's sections.

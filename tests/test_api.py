@@ -284,3 +284,17 @@ def test_database_keys_work_until_revoked(api):
     assert api.client(key).get("/model/info").status_code == 401
     assert api.client().get("/model/info").status_code == 200  # CXR_API_KEYS still work
     assert cxr("apikey", "revoke", mine[0]["prefix"], env=api.env, check=False).returncode == 2
+
+
+def test_cxr_submit_uploads_and_waits(api, tmp_path):
+    folder = tmp_path / "films"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"s{i}.png").write_bytes(png(100 + i))
+    env = {**api.env, "CXR_API_URL": api.base, "CXR_API_KEY": KEY}
+    out = cxr("submit", "--wait", "--per-request", "2", "--format", "json", str(folder), env=env)
+    rows = json.loads(out.stdout)
+    assert sorted(r["filename"] for r in rows) == ["s0.png", "s1.png", "s2.png"]
+    assert all(r["status"] == "done" and r["predicted_class"] in CLASSES for r in rows)
+    denied = cxr("submit", str(folder), env={**env, "CXR_API_KEY": "wrong"}, check=False)
+    assert denied.returncode == 1 and "401" in denied.stderr
