@@ -334,10 +334,16 @@ def _encode_cursor(key: repo.WorklistKey) -> str:
 def _decode_cursor(cursor: str) -> repo.WorklistKey:
     try:
         g, f, r, c, sid = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return repo.WorklistKey(group=int(g), flagged=int(f), risk=float(r), created_at=datetime.fromisoformat(c),
-                                study_id=uuid.UUID(sid))
+        key = repo.WorklistKey(group=int(g), flagged=int(f), risk=float(r), created_at=datetime.fromisoformat(c),
+                               study_id=uuid.UUID(sid))
+        if key.group not in (0, 1, 2) or key.flagged not in (0, 1) or not -1.0 <= key.risk <= 1.0:
+            raise ValueError("out of range")
+        return key
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as e:
         raise HTTPException(422, "invalid cursor; use next_cursor from the previous page as it is") from e
+
+
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"  # no control characters (Postgres refuses NUL in text)
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -351,8 +357,8 @@ def get_worklist(
     flagged: Annotated[bool | None, Query(description="Only flagged (true) or unflagged (false) results")] = None,
     since: Annotated[datetime | None, Query(description="Received at or after (ISO 8601; UTC if no zone)")] = None,
     until: Annotated[datetime | None, Query(description="Received before (ISO 8601; UTC if no zone)")] = None,
-    predicted_class: Annotated[str | None, Query(max_length=64)] = None,
-    model_version: Annotated[str | None, Query(max_length=64)] = None,
+    predicted_class: Annotated[str | None, Query(max_length=64, pattern=PRINTABLE)] = None,
+    model_version: Annotated[str | None, Query(max_length=64, pattern=PRINTABLE)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=512, description="next_cursor of the previous page")] = None,
 ) -> dict[str, Any]:
