@@ -90,6 +90,7 @@ class Prediction(BaseModel):
     flagged: bool | None
     risk: float | None
     status: str
+    heatmap_ready: bool = False
     reject_code: str | None = None
     error: str | None = None
     filename: str | None = None
@@ -146,15 +147,18 @@ def _intake(settings: Settings, celery: Celery, session: Session, uploads: list[
     return job.id, out
 
 
-def _wait(settings: Settings, session: Session, study_ids: list[uuid.UUID], *, job_id: uuid.UUID | None) -> None:
-    """Poll the database until every study is finished; 504 (with the ids to poll) after
-    CXR_PREDICT_TIMEOUT_SECONDS."""
+def _wait(settings: Settings, session: Session, study_ids: list[uuid.UUID], *, job_id: uuid.UUID | None,
+          heatmap: bool = False) -> None:
+    """Poll the database until every study is scored (its scores are stored before Grad-CAM
+    runs) or finished (rejected, failed, or ``heatmap``: done with its heatmap written);
+    504 (with the ids to poll) after CXR_PREDICT_TIMEOUT_SECONDS."""
     deadline = time.monotonic() + settings.predict_timeout_seconds
-    pause = 0.005
+    pause = 0.002
     while True:
         session.rollback()  # a fresh snapshot on every look
         statuses = repo.study_statuses(session, study_ids=study_ids)
-        if all(statuses.get(sid) in TERMINAL for sid in study_ids):
+        if all(sid in statuses and (statuses[sid][0] in TERMINAL or (statuses[sid][1] and not heatmap))
+               for sid in study_ids):
             return
         if time.monotonic() >= deadline:
             detail = {"message": f"not finished within {settings.predict_timeout_seconds:g} s; poll the study",
@@ -166,7 +170,7 @@ def _wait(settings: Settings, session: Session, study_ids: list[uuid.UUID], *, j
                 detail["job_id"] = str(job_id)
             raise HTTPException(504, detail)
         time.sleep(pause)
-        pause = min(pause * 1.5, 0.05)
+        pause = min(pause * 1.5, 0.01)  # a status SELECT is cheap; 10 ms keeps the answer prompt
 
 
 def _prediction(session: Session, ref: Intaken) -> dict[str, Any]:
@@ -174,14 +178,19 @@ def _prediction(session: Session, ref: Intaken) -> dict[str, Any]:
     result = repo.latest_result(study)
     summary = repo.study_summary(study, result)
     infer = (summary["timings_ms"] or {}).get("infer")
+    scored = result is not None and study.status in (StudyStatus.processing.value, StudyStatus.done.value)
     return {**{k: summary[k] for k in ("predicted_class", "confidence", "probabilities", "model_version", "flagged",
-                                       "risk", "status", "reject_code", "error")},
+                                       "risk", "reject_code", "error")},
+            # Scored is done for a prediction; the study itself turns `done` once its heatmap is written.
+            "status": StudyStatus.done.value if scored else study.status,
+            "heatmap_ready": bool(result is not None and result.heatmap_path),
             "inference_time_ms": infer, "study_id": study.id, "filename": ref.filename, "duplicate": ref.duplicate}
 
 
-def _one(uploads: list[UploadFile], settings: Settings, celery: Celery, session: Session) -> dict[str, Any]:
+def _one(uploads: list[UploadFile], settings: Settings, celery: Celery, session: Session, *,
+         heatmap: bool = False) -> dict[str, Any]:
     job_id, refs = _intake(settings, celery, session, uploads, priority=PRIORITY_HIGH, allow_zip=False)
-    _wait(settings, session, [refs[0].study_id], job_id=None)
+    _wait(settings, session, [refs[0].study_id], job_id=None, heatmap=heatmap)
     pred = _prediction(session, refs[0])
     if pred["status"] != StudyStatus.done.value:
         raise HTTPException(422, {"message": "the image was not scored", **{
@@ -242,7 +251,7 @@ def predict_explain(
 ) -> dict[str, Any]:
     """As /predict, plus the Grad-CAM heatmap (base64 PNG, the map alone in jet colours) and
     the overlay (base64 PNG, the map blended on the radiograph), with their URLs."""
-    pred = _one([file], settings, celery, session)
+    pred = _one([file], settings, celery, session, heatmap=True)
     study = repo.get_study(session, study_id=pred["study_id"])
     bare, overlay = _heatmap_files(repo.latest_result(study).heatmap_path)
     sid = pred["study_id"]
@@ -386,7 +395,7 @@ def _active_model(settings: Settings) -> dict[str, Any]:
 @app.get("/health")
 def health(settings: SettingsDep, session: SessionDep, celery: CeleryDep) -> JSONResponse:
     """Database and broker reachability (503 when either is down), live workers (Celery ping,
-    0.5 s) and the active model version. Never needs an API key."""
+    1 s) and the active model version. Never needs an API key."""
     checks: dict[str, Any] = {}
     try:
         session.execute(text("SELECT 1"))
@@ -403,7 +412,7 @@ def health(settings: SettingsDep, session: SessionDep, celery: CeleryDep) -> JSO
     extra: dict[str, Any] = {"workers": None, "model_version": None}
     if checks["broker"] == "ok":
         try:
-            extra["workers"] = len(celery.control.ping(timeout=0.5) or [])
+            extra["workers"] = len(celery.control.ping(timeout=1.0) or [])
         except Exception as e:  # reported, not raised
             extra["workers_error"] = f"{type(e).__name__}"
     if checks["database"] == "ok":

@@ -256,11 +256,19 @@ def record_result(
     flagged: bool,
     heatmap_path: str | None,
     timings_ms: dict[str, float],
+    final: bool = True,
 ) -> Result:
-    """Store a result and mark the study done. A result already stored for this model wins."""
+    """Store a result and (``final``) mark the study done. A result already stored for this
+    model wins; only its missing heatmap (and timings) are filled in.
+
+    ``final=False`` stores the scores before the heatmap exists: the study stays
+    ``processing`` (POST /predict answers from such a row; ``done`` waits for the heatmap)."""
     result = session.scalar(
         select(Result).where(Result.study_id == study_id, Result.model_version_id == model_version_id)
     )
+    if result is not None and result.heatmap_path is None and heatmap_path is not None:
+        result.heatmap_path = heatmap_path
+        result.timings_ms = timings_ms
     if result is None:
         result = Result(
             study_id=study_id,
@@ -274,12 +282,13 @@ def record_result(
             timings_ms=timings_ms,
         )
         session.add(result)
-    session.execute(
-        update(Study)
-        .where(Study.id == study_id)
-        .values(status=StudyStatus.done.value, error=None, reject_code=None, finished_at=utcnow(),
-                updated_at=utcnow())
-    )
+    if final:
+        session.execute(
+            update(Study)
+            .where(Study.id == study_id)
+            .values(status=StudyStatus.done.value, error=None, reject_code=None, finished_at=utcnow(),
+                    updated_at=utcnow())
+        )
     session.flush()
     return result
 
@@ -399,8 +408,11 @@ def worklist(
     return [WorklistRow(study=s, result=r) for s, r in session.execute(stmt).all()]
 
 
-def study_statuses(session: Session, *, study_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
-    return dict(session.execute(select(Study.id, Study.status).where(Study.id.in_(study_ids))).all())
+def study_statuses(session: Session, *, study_ids: list[uuid.UUID]) -> dict[uuid.UUID, tuple[str, bool]]:
+    """(status, has a result) per study."""
+    scored = select(Result.id).where(Result.study_id == Study.id).exists()
+    return {sid: (status, bool(has)) for sid, status, has in
+            session.execute(select(Study.id, Study.status, scored).where(Study.id.in_(study_ids))).all()}
 
 
 def study_summary(study: Study, result: Result | None) -> dict[str, Any]:

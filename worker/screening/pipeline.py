@@ -5,6 +5,8 @@ Shared by ``cxr predict`` and the Celery worker, so both decode, gate and score 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import logging
 import time
 from dataclasses import dataclass, field
@@ -100,8 +102,12 @@ class Screener:
         self.meta = loaded.meta
         self.options = options
 
-    def screen(self, data: bytes, *, heatmap_to: Path | None = None) -> Outcome:
-        """Score one file. Input problems come back as an Outcome, never as an exception."""
+    def screen(self, data: bytes, *, heatmap_to: Path | None = None,
+               on_scored: Callable[[Outcome], None] | None = None) -> Outcome:
+        """Score one file. Input problems come back as an Outcome, never as an exception.
+
+        ``on_scored`` is called with the scores (no heatmap yet) before Grad-CAM runs, so a
+        caller can publish them early: Grad-CAM costs several forward passes."""
         t0 = time.perf_counter()
         try:
             pixels, metadata = gated_pixels(data, self.options)
@@ -117,6 +123,10 @@ class Screener:
         risk, flagged = risk_and_flag(probs, self.meta)
         heatmap_path = None
         timings = {"decode_preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3}
+        if on_scored is not None:
+            on_scored(Outcome(status="done", probabilities=probs, predicted_class=predicted, risk=risk,
+                              flagged=flagged, timings_ms={k: round(v, 2) for k, v in timings.items()},
+                              metadata=metadata))
         if heatmap_to is not None:
             cam = gradcam(self.loaded.model, x, target_class=self.meta.classes.index(predicted))
             heatmap_path = str(save_heatmap(pixels, cam, heatmap_to))
