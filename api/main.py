@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from celery import Celery
-from fastapi import Depends, FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel
@@ -31,7 +31,7 @@ from cxr.bundle import BundleError, file_sha256, read_meta
 from cxr.db import repo
 from cxr.db.models import StudyStatus
 from cxr.intake import Intaken, register
-from cxr.queue import PRIORITY_BATCH, PRIORITY_HIGH
+from cxr.queue import PRIORITY_BATCH, PRIORITY_HIGH, fire_callbacks
 from cxr.registry import resolve_bundle
 from cxr.settings import Settings, get_settings
 from cxr.store import put_stream
@@ -122,14 +122,14 @@ def _store_upload(settings: Settings, upload: UploadFile, *, what: str):
 
 
 def _intake(settings: Settings, celery: Celery, session: Session, uploads: list[UploadFile], *,
-            priority: int, allow_zip: bool) -> tuple[uuid.UUID, list[Intaken]]:
+            priority: int, allow_zip: bool, callback_url: str | None = None) -> tuple[uuid.UUID, list[Intaken]]:
     """Check every upload (type, size), then store each, record it in a new job and enqueue it."""
     heads = [peek(u.file) for u in uploads]
     zipped = allow_zip and len(uploads) == 1 and is_zip(heads[0])
     if not zipped:
         for n, head in enumerate(heads):
             require_image(head, what=f"file {n + 1}")
-    job = repo.create_job(session, source="api")
+    job = repo.create_job(session, source="api", callback_url=callback_url)
     session.commit()
     out: list[Intaken] = []
     if zipped:
@@ -268,33 +268,25 @@ def create_job(
     settings: SettingsDep,
     session: SessionDep,
     celery: CeleryDep,
+    callback_url: Annotated[str | None, Form(
+        max_length=2000, pattern=r"^https?://[^\s\x00-\x1f]+$",
+        description="POSTed the job's report (as GET /jobs/{id}, plus event) once every study is finished; "
+                    "retried with backoff")] = None,
 ) -> JobCreated:
-    job_id, out = _intake(settings, celery, session, files, priority=PRIORITY_BATCH, allow_zip=True)
+    job_id, out = _intake(settings, celery, session, files, priority=PRIORITY_BATCH, allow_zip=True,
+                          callback_url=callback_url)
+    if callback_url:
+        fire_callbacks(celery, settings.database_url, job_id=job_id)  # every study may be known and finished
     refs = [StudyRef(study_id=o.study_id, filename=o.filename, status=o.status, duplicate=o.duplicate) for o in out]
     return JobCreated(job_id=job_id, studies=refs)
 
 
-def job_status(statuses: list[str]) -> str:
-    if statuses and all(s in TERMINAL for s in statuses):
-        return "done"
-    if any(s != StudyStatus.queued.value for s in statuses):
-        return "processing"
-    return "queued"
-
-
 @app.get("/jobs/{job_id}", dependencies=Protected, responses=errors(404))
 def get_job(job_id: uuid.UUID, session: SessionDep) -> dict[str, Any]:
-    job = repo.get_job(session, job_id=job_id)
-    if job is None:
+    report = repo.job_report(session, job_id=job_id)
+    if report is None:
         raise HTTPException(404, f"no job {job_id}")
-    studies = [repo.study_summary(item.study, repo.latest_result(item.study)) | {"filename": item.filename}
-               for item in job.items]
-    statuses = [s["status"] for s in studies]
-    counts: dict[str, int] = {}
-    for s in statuses:
-        counts[s] = counts.get(s, 0) + 1
-    return {"job_id": str(job.id), "status": job_status(statuses), "counts": counts, "studies": studies,
-            "disclaimer": DISCLAIMER}
+    return report | {"disclaimer": DISCLAIMER}
 
 
 @app.get("/studies/{study_id}", dependencies=Protected, responses=errors(404))

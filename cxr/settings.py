@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     max_zip_members: int = Field(10_000, ge=1, description="Most files a zip sent to POST /jobs may hold.")
     predict_timeout_seconds: float = Field(
         30.0, gt=0, description="How long POST /predict waits for the worker before answering 504 with the study id.")
+    callback_retries: int = Field(5, ge=0, description="Retries of a failed job callback (backoff doubles).")
+    callback_backoff_seconds: float = Field(2.0, gt=0, description="Delay before the first callback retry.")
     api_url: str = Field("http://127.0.0.1:8000", description="Where `cxr submit` sends files.")
     api_key: SecretStr | None = Field(None, description="The X-API-Key `cxr submit` sends.")
     cors_origins: Annotated[list[str], NoDecode] = Field(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 import uuid
 import zipfile
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ def api(tmp_path_factory, tiny_bundle, module_postgres_url, module_redis_url):
     env = clean_env(CXR_HOME=str(tmp / "home"), CXR_DATABASE_URL=module_postgres_url,
                     CXR_BROKER_URL=module_redis_url, CXR_QUEUE=f"cxr-test-{uuid.uuid4().hex[:8]}",
                     CXR_CHECKPOINT=str(tiny_bundle), CXR_API_KEYS=f"other-key,{KEY}", CXR_MAX_UPLOAD_MB="2",
-                    CXR_MAX_ZIP_UNCOMPRESSED_MB="4")
+                    CXR_MAX_ZIP_UNCOMPRESSED_MB="4", CXR_CALLBACK_BACKOFF_SECONDS="0.5")
     cxr("db", "upgrade", env=env)
     (tmp / "logs").mkdir()
     stack = Stack(log_dir=tmp / "logs", env=env)
@@ -302,6 +303,60 @@ def test_cxr_submit_uploads_and_waits(api, tmp_path):
     assert all(r["status"] == "done" and r["predicted_class"] in CLASSES for r in rows)
     denied = cxr("submit", str(folder), env={**env, "CXR_API_KEY": "wrong"}, check=False)
     assert denied.returncode == 1 and "401" in denied.stderr
+
+
+class Receiver:
+    """A real HTTP server on loopback that records callback POSTs; it answers 500 to the
+    first `fail_first` requests."""
+
+    def __init__(self, fail_first: int) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.bodies: list[dict] = []
+        self.attempts = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.attempts += 1
+                ok = outer.attempts > fail_first
+                if ok:
+                    outer.bodies.append(body)
+                self.send_response(200 if ok else 500)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_job_callback_is_posted_when_done_with_retries(api):
+    hook = Receiver(fail_first=1)
+    try:
+        with api.client() as c:
+            r = c.post("/jobs", data={"callback_url": hook.url}, files=files(("cb0.png", png(120)), ("cb1.png", png(121))))
+            assert r.status_code == 202, r.text
+            job_id = r.json()["job_id"]
+            body = wait_until(lambda: hook.bodies and hook.bodies[0], timeout=120, describe=api.stack.logs)
+            assert hook.attempts == 2  # the first delivery got a 500 and was retried
+            assert body["event"] == "job.completed" and body["job_id"] == job_id and body["status"] == "done"
+            assert body["counts"] == {"done": 2} and all(s["predicted_class"] in CLASSES for s in body["studies"])
+            # A job of studies already finished (the same bytes again) calls back at once.
+            r = c.post("/jobs", data={"callback_url": hook.url}, files=files(("again.png", png(120))))
+            again = wait_until(lambda: len(hook.bodies) > 1 and hook.bodies[1], timeout=60, describe=api.stack.logs)
+            assert again["job_id"] == r.json()["job_id"] and again["counts"] == {"done": 1}
+            assert c.post("/jobs", data={"callback_url": "file:///etc/passwd"},
+                          files=files(("x.png", png(122)))).status_code == 422
+        time.sleep(1.5)
+        assert hook.attempts == 3  # one delivery per job, after the one retry
+    finally:
+        hook.server.shutdown()
 
 
 # --- the OpenAPI schema, fuzzed -----------------------------------------------------------

@@ -63,6 +63,10 @@ class Job(Base):
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     source: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # POSTed the job's report once every study is finished (retried with backoff).
+    callback_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    callback_state: Mapped[str | None] = mapped_column(String(16), nullable=True)  # pending, sending, sent, failed
+    callback_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     items: Mapped[list["JobStudy"]] = relationship(back_populates="job", order_by="JobStudy.position")
 

@@ -20,8 +20,8 @@ from cxr.db.models import (
 )
 
 
-def create_job(session: Session, *, source: str) -> Job:
-    job = Job(source=source)
+def create_job(session: Session, *, source: str, callback_url: str | None = None) -> Job:
+    job = Job(source=source, callback_url=callback_url, callback_state="pending" if callback_url else None)
     session.add(job)
     session.flush()
     return job
@@ -472,3 +472,51 @@ def api_key_status(session: Session, *, key_sha256: str | None) -> tuple[bool, b
     match = bool(key_sha256) and any_active and session.scalar(
         select(ApiKey.id).where(active, ApiKey.key_sha256 == key_sha256)) is not None
     return any_active, match
+
+
+TERMINAL_STATUSES = (StudyStatus.done.value, StudyStatus.failed.value, StudyStatus.rejected.value)
+
+
+def job_report(session: Session, *, job_id: uuid.UUID) -> dict[str, Any] | None:
+    """The JSON shape of GET /jobs/{id} (and of a job's callback)."""
+    job = get_job(session, job_id=job_id)
+    if job is None:
+        return None
+    studies = [study_summary(item.study, latest_result(item.study)) | {"filename": item.filename}
+               for item in job.items]
+    counts: dict[str, int] = {}
+    for s in studies:
+        counts[s["status"]] = counts.get(s["status"], 0) + 1
+    statuses = [s["status"] for s in studies]
+    if statuses and all(s in TERMINAL_STATUSES for s in statuses):
+        overall = "done"
+    elif any(s != StudyStatus.queued.value for s in statuses):
+        overall = "processing"
+    else:
+        overall = "queued"
+    return {"job_id": str(job.id), "status": overall, "counts": counts, "studies": studies}
+
+
+def claim_complete_callbacks(session: Session, *, study_id: uuid.UUID | None = None,
+                             job_id: uuid.UUID | None = None) -> list[uuid.UUID]:
+    """Jobs (holding this study, or this job) whose callback is pending and whose studies are
+    all finished, moved to ``sending``: each is claimed by exactly one caller."""
+    stmt = select(Job.id).where(Job.callback_state == "pending")
+    if study_id is not None:
+        stmt = stmt.where(Job.id.in_(select(JobStudy.job_id).where(JobStudy.study_id == study_id)))
+    if job_id is not None:
+        stmt = stmt.where(Job.id == job_id)
+    unfinished = (select(JobStudy.job_id).join(Study, Study.id == JobStudy.study_id)
+                  .where(JobStudy.job_id == Job.id, Study.status.not_in(TERMINAL_STATUSES)).exists())
+    claimed = []
+    for jid in session.scalars(stmt.where(~unfinished)).all():
+        res = session.execute(update(Job).where(Job.id == jid, Job.callback_state == "pending")
+                              .values(callback_state="sending"))
+        if res.rowcount == 1:
+            claimed.append(jid)
+    session.flush()
+    return claimed
+
+
+def finish_callback(session: Session, *, job_id: uuid.UUID, state: str) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(callback_state=state, callback_at=utcnow()))
