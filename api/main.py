@@ -129,13 +129,15 @@ def _intake(settings: Settings, celery: Celery, session: Session, uploads: list[
     if not zipped:
         for n, head in enumerate(heads):
             require_image(head, what=f"file {n + 1}")
+    members = []
+    if zipped:  # every member checked and stored before the job exists: a refused zip leaves no job
+        members = list(unpack_zip(uploads[0].file, store_dir=settings.store_dir,
+                                  max_total_bytes=int(settings.max_zip_uncompressed_mb * 1048576),
+                                  max_members=settings.max_zip_members))
     job = repo.create_job(session, source="api", callback_url=callback_url)
     session.commit()
     out: list[Intaken] = []
     if zipped:
-        members = unpack_zip(uploads[0].file, store_dir=settings.store_dir,
-                             max_total_bytes=int(settings.max_zip_uncompressed_mb * 1048576),
-                             max_members=settings.max_zip_members)
         for position, member in enumerate(members):
             out.append(register(settings, celery, stored=member.stored, filename=member.filename, source="api",
                                 job_id=job.id, position=position, priority=priority))

@@ -16,9 +16,9 @@ import hypothesis
 import pytest
 import schemathesis
 from schemathesis.specs.openapi.checks import positive_data_acceptance
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from cxr.db.models import ApiKey, Study
+from cxr.db.models import ApiKey, Job, Study
 from cxr.db.session import session_scope
 from tests.badfiles import png_bytes
 from tests.imagegen import chest_like, write_dicom
@@ -195,6 +195,8 @@ def test_jobs_take_a_zip_and_refuse_unsafe_ones(api):
 
         body = wait_until(done, timeout=120, describe=api.stack.logs)
         assert body["counts"] == {"done": 2}
+        with session_scope(api.db_url) as s:
+            jobs_before = s.scalar(select(func.count()).select_from(Job))
         for bad, status in (({"../evil.png": png(52)}, 400), ({"/etc/evil.png": png(53)}, 400),
                             ({"a/../../evil.png": png(54)}, 400),
                             ({"bomb.png": PNG_MAGIC + b"\0" * (5 * 1024 * 1024)}, 413),
@@ -203,6 +205,8 @@ def test_jobs_take_a_zip_and_refuse_unsafe_ones(api):
             assert r.status_code == status, (bad.keys(), r.text)
             assert "evil" not in r.text
         assert "'..'" in c.post("/jobs", files=files(("x.zip", zip_of({"../e.png": png(55)})))).json()["detail"]
+        with session_scope(api.db_url) as s:  # a refused zip leaves no job behind
+            assert s.scalar(select(func.count()).select_from(Job)) == jobs_before
 
 
 def test_worklist_filters_and_pages_in_cli_order(api):
