@@ -34,6 +34,9 @@ app.add_typer(db_app, name="db")
 model_app = typer.Typer(help="Model versions: which bundle the workers use.", no_args_is_help=True,
                         rich_markup_mode="markdown")
 app.add_typer(model_app, name="model")
+apikey_app = typer.Typer(help="API keys stored (hashed) in the database.", no_args_is_help=True,
+                         rich_markup_mode="markdown")
+app.add_typer(apikey_app, name="apikey")
 log = logging.getLogger("cxr")
 
 
@@ -156,11 +159,15 @@ def api(
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
 ) -> None:
-    """Run the HTTP intake API under uvicorn (docs at /docs)."""
+    """Run the HTTP intake API under uvicorn (docs at /docs).
+
+    With no API key configured (CXR_API_KEYS or `cxr apikey create`) the API is open to
+    anyone who can reach it: it binds to 127.0.0.1 by default, and says so."""
     import uvicorn
 
     settings = get_settings()
     settings.ensure_dirs()
+    _warn_if_open(settings, host)
     uvicorn.run("api.main:app", host=host, port=port, log_level=settings.log_level.lower())
 
 
@@ -211,6 +218,25 @@ def up(
             log.warning("%s did not stop in time; killing it", name)
             p.kill()
     raise typer.Exit(1 if exited else 0)
+
+
+def _warn_if_open(settings, host: str) -> None:
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    from cxr.db import repo
+    from cxr.db.session import session_scope
+
+    if settings.api_keys:
+        return
+    try:
+        with session_scope(settings.database_url) as session:
+            if repo.api_key_status(session, key_sha256=None)[0]:
+                return
+    except (OperationalError, ProgrammingError) as e:
+        log.warning("cannot read API keys from the database (%s); run `cxr db upgrade`", type(e).__name__)
+    log.warning("no API key is configured (CXR_API_KEYS or `cxr apikey create`): the API on %s is open to anyone "
+                "who can reach it%s", host, "" if host in ("127.0.0.1", "localhost", "::1") else
+                "; it is bound to a non-loopback address")
 
 
 def iter_inputs(paths: list[Path]) -> list[Path]:
@@ -270,6 +296,69 @@ def predict(
     typer.echo(DISCLAIMER, err=True)
     if not any(r["status"] == "done" for r in rows):
         raise typer.Exit(1)
+
+
+@app.command()
+def submit(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders (searched recursively), or zip files.")],
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until every study is finished and print the results.")] = False,
+    url: Annotated[Optional[str], typer.Option(help="API base URL (default CXR_API_URL).")] = None,
+    per_request: Annotated[int, typer.Option(min=1, help="Files per POST /jobs request.")] = 16,
+    timeout: Annotated[float, typer.Option(help="With --wait: give up after this many seconds.")] = 3600,
+    format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.table,
+) -> None:
+    """Send files to a running API (POST /jobs) and print the study ids; with --wait, poll
+    until they are finished and print the results. The key is CXR_API_KEY."""
+    import httpx
+    from tqdm import tqdm
+
+    from cxr.output import render
+
+    settings = get_settings()
+    base = (url or settings.api_url).rstrip("/")
+    headers = {"X-API-Key": settings.api_key.get_secret_value()} if settings.api_key else {}
+    files = iter_inputs(paths)
+    if not files:
+        raise fail("no files to send")
+    jobs: list[str] = []
+    rows: list[dict] = []
+    with httpx.Client(base_url=base, headers=headers, timeout=httpx.Timeout(30, write=300, read=300)) as client:
+        with tqdm(total=len(files), desc="uploading", unit="file", file=sys.stderr, disable=len(files) < 2) as bar:
+            for start in range(0, len(files), per_request):
+                chunk = files[start:start + per_request]
+                handles = [f.open("rb") for f in chunk]
+                try:
+                    r = client.post("/jobs", files=[("files", (f.name, h, "application/octet-stream"))
+                                                    for f, h in zip(chunk, handles)])
+                finally:
+                    for h in handles:
+                        h.close()
+                if r.status_code != 202:
+                    raise fail(f"POST /jobs answered {r.status_code}: {r.text[:500]}", code=1)
+                body = r.json()
+                jobs.append(body["job_id"])
+                rows += body["studies"]
+                bar.update(len(chunk))
+        if wait:
+            deadline = time.monotonic() + timeout
+            rows = []
+            with tqdm(total=len(jobs), desc="screening", unit="job", file=sys.stderr, disable=len(jobs) < 2) as bar:
+                for job_id in jobs:
+                    while True:
+                        r = client.get(f"/jobs/{job_id}")
+                        r.raise_for_status()
+                        body = r.json()
+                        if body["status"] == "done":
+                            rows += body["studies"]
+                            bar.update(1)
+                            break
+                        if time.monotonic() > deadline:
+                            raise fail(f"job {job_id} not finished after {timeout:g} s", code=1)
+                        time.sleep(0.5)
+    columns = ("study_id", "filename", "status", "predicted_class", "flagged", "reject_code") if wait else \
+        ("study_id", "filename", "status", "duplicate")
+    typer.echo(render(rows, fmt=format.value, columns=columns))
+    typer.echo(DISCLAIMER, err=True)
 
 
 WORKLIST_COLUMNS = ("study_id", "filename", "status", "flagged", "predicted_class", "risk", "probabilities",
@@ -348,6 +437,54 @@ def model_activate(bundle: Annotated[Path, typer.Argument(help="A bundle written
         raise fail(f"cannot activate: {e}")
     typer.echo(f"active model: version {mv.version} ({mv.architecture}, sha256 {mv.checkpoint_sha256[:12]}) "
                f"-> {mv.path}")
+
+
+@apikey_app.command("create")
+def apikey_create(
+    name: Annotated[str, typer.Option(help="Who or what the key is for (shown by `cxr apikey list`).")] = "default",
+) -> None:
+    """Create an API key. It is printed once; the database keeps only its sha256."""
+    from cxr import apikeys
+    from cxr.db import repo
+    from cxr.db.session import session_scope
+
+    key = apikeys.generate()
+    with session_scope(get_settings().database_url) as session:
+        row = repo.add_api_key(session, name=name[:64], prefix=apikeys.prefix_of(key), key_sha256=apikeys.digest(key))
+        key_id = row.id
+    typer.echo(key)
+    typer.echo(f"API key {key_id} ({name}) created; it is shown only now. Send it as the X-API-Key header.", err=True)
+
+
+@apikey_app.command("revoke")
+def apikey_revoke(key: Annotated[str, typer.Argument(help="The key's id or prefix (from `cxr apikey list`).")]) -> None:
+    """Revoke an API key: it stops working at once."""
+    from cxr.db import repo
+    from cxr.db.session import session_scope
+
+    with session_scope(get_settings().database_url) as session:
+        revoked = (repo.revoke_api_key(session, key_id=int(key)) if key.isdigit()
+                   else repo.revoke_api_key(session, prefix=key))
+        ids = [k.id for k in revoked]
+    if not ids:
+        raise fail(f"no active API key with id or prefix {key!r}")
+    typer.echo(f"revoked API key(s) {', '.join(map(str, ids))}")
+
+
+@apikey_app.command("list")
+def apikey_list(
+    format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.table,
+) -> None:
+    """API keys in the database (prefix only; the keys themselves are not stored)."""
+    from cxr.db import repo
+    from cxr.db.session import session_scope
+    from cxr.output import render
+
+    with session_scope(get_settings().database_url) as session:
+        rows = [{"id": k.id, "name": k.name, "prefix": k.prefix, "created_at": k.created_at.isoformat(),
+                 "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None}
+                for k in repo.list_api_keys(session)]
+    typer.echo(render(rows, fmt=format.value, columns=("id", "name", "prefix", "created_at", "revoked_at")))
 
 
 def _register_trainer() -> None:

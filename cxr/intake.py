@@ -21,7 +21,7 @@ from cxr.db import repo
 from cxr.db.models import Job
 from cxr.db.session import session_scope
 from cxr.dicom import pseudonym_key, read_header
-from cxr.queue import enqueue_study
+from cxr.queue import PRIORITY_BATCH, enqueue_study
 from cxr.settings import Settings
 from cxr.store import Stored, safe_filename
 
@@ -60,6 +60,7 @@ def register(
     source: str,
     job_id: uuid.UUID | None = None,
     position: int = 0,
+    priority: int = PRIORITY_BATCH,
 ) -> Intaken:
     """Record a stored file as a study (or find the one it belongs to) and enqueue what needs screening.
 
@@ -93,7 +94,7 @@ def register(
         out = Intaken(study_id=res.study.id, filename=name, status=res.study.status, created=res.created,
                       duplicate=dup)
     if res.enqueue:
-        enqueue_study(celery, str(out.study_id))
+        enqueue_study(celery, str(out.study_id), priority=priority)
         log.info("study %s queued (source=%s, sha256=%s%s)", out.study_id, source, stored.sha256[:12],
                  f", again after a {dup} resubmission" if dup else "")
     elif problem:

@@ -10,6 +10,14 @@ from celery import Celery
 from cxr.settings import Settings, get_settings
 
 SCREEN_TASK = "cxr.screen_study"
+CALLBACK_TASK = "cxr.job_callback"
+
+# Task priorities. On Redis, kombu keeps one list per priority step (0, 3, 6, 9) and a
+# worker always takes from the lowest number first: 0 is served first. Interactive calls
+# (POST /predict*) use PRIORITY_HIGH; batch intake (POST /jobs, the watcher) PRIORITY_BATCH.
+# The filesystem transport has no priorities: there every task is first in, first out.
+PRIORITY_HIGH = 0
+PRIORITY_BATCH = 6
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -49,5 +57,17 @@ def get_celery() -> Celery:
     return make_celery(get_settings())
 
 
-def enqueue_study(app: Celery, study_id: str) -> None:
-    app.send_task(SCREEN_TASK, args=[study_id])
+def enqueue_study(app: Celery, study_id: str, *, priority: int = PRIORITY_BATCH) -> None:
+    app.send_task(SCREEN_TASK, args=[study_id], priority=priority)
+
+
+
+def fire_callbacks(app: Celery, database_url: str, *, study_id=None, job_id=None) -> None:
+    """Enqueue the callback of every job that this study (or this job) just completed."""
+    from cxr.db import repo
+    from cxr.db.session import session_scope
+
+    with session_scope(database_url) as session:
+        jobs = repo.claim_complete_callbacks(session, study_id=study_id, job_id=job_id)
+    for jid in jobs:
+        app.send_task(CALLBACK_TASK, args=[str(jid)], priority=PRIORITY_HIGH)

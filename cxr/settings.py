@@ -62,6 +62,22 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Log level for every process.")
     max_image_pixels: int = Field(80_000_000, description="Refuse images larger than this before decoding.")
 
+    # HTTP API.
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="API keys (comma-separated). When any is set, X-API-Key is required.")
+    max_upload_mb: float = Field(64.0, gt=0, description="Largest request body the API accepts, in MB (413 above).")
+    max_zip_uncompressed_mb: float = Field(
+        1024.0, gt=0, description="Largest total uncompressed size of a zip sent to POST /jobs, in MB (413 above).")
+    max_zip_members: int = Field(10_000, ge=1, description="Most files a zip sent to POST /jobs may hold.")
+    predict_timeout_seconds: float = Field(
+        30.0, gt=0, description="How long POST /predict waits for the worker before answering 504 with the study id.")
+    callback_retries: int = Field(5, ge=0, description="Retries of a failed job callback (backoff doubles).")
+    callback_backoff_seconds: float = Field(2.0, gt=0, description="Delay before the first callback retry.")
+    api_url: str = Field("http://127.0.0.1:8000", description="Where `cxr submit` sends files.")
+    api_key: SecretStr | None = Field(None, description="The X-API-Key `cxr submit` sends.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed by CORS (comma-separated). Empty: CORS is off.")
+
     # Quality gate: each rule can be turned off. `unreadable` and `not_an_image` cannot.
     gate_not_radiograph: bool = Field(True, description="Reject DICOM whose Modality is present and not CR, DX or DR.")
     gate_not_chest: bool = Field(True, description="Reject DICOM whose BodyPartExamined is present and not a chest.")
@@ -89,6 +105,11 @@ class Settings(BaseSettings):
     @classmethod
     def _parts(cls, v: Any) -> Any:
         return [str(x).strip().upper() for x in _split_list(v)]
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _csv(cls, v: Any) -> Any:
+        return [str(x) for x in _split_list(v)] if v is not None else []
 
     @field_validator("voi_fallback_percentiles", mode="before")
     @classmethod
@@ -127,6 +148,10 @@ class Settings(BaseSettings):
     @property
     def pseudonym_key_file(self) -> Path:
         return self.home / "pseudonym.key"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
 
     @property
     def is_sqlite(self) -> bool:

@@ -44,9 +44,8 @@ def tiny_bundle(tmp_path_factory) -> Path:
     return save_bundle(tmp_path_factory.mktemp("bundle") / "tiny.safetensors", model, meta)
 
 
-@pytest.fixture
-def postgres_url() -> str:
-    """A fresh, empty Postgres database for one test, dropped afterwards."""
+def _fresh_postgres():
+    """A fresh, empty Postgres database, dropped afterwards."""
     admin = make_url(PG_ADMIN_URL)
     try:
         engine = create_engine(admin, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
@@ -66,7 +65,18 @@ def postgres_url() -> str:
 
 
 @pytest.fixture
-def redis_url() -> str:
+def postgres_url() -> str:
+    """A fresh, empty Postgres database for one test, dropped afterwards."""
+    yield from _fresh_postgres()
+
+
+@pytest.fixture(scope="module")
+def module_postgres_url() -> str:
+    """A fresh, empty Postgres database shared by one test module (one running stack per module)."""
+    yield from _fresh_postgres()
+
+
+def _redis() -> str:
     import redis
 
     try:
@@ -74,3 +84,13 @@ def redis_url() -> str:
     except Exception as e:
         unavailable("Redis", e, "Start it or set CXR_TEST_REDIS_URL=redis://host:port/db.")
     return REDIS_URL
+
+
+@pytest.fixture(scope="module")
+def module_redis_url() -> str:
+    return _redis()
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return _redis()

@@ -55,9 +55,19 @@ def test_embedded_stack_screens_dropped_files(tmp_path, tiny_bundle):
             assert predicted[name]["status"] == "done"
             assert predicted[name]["probabilities"] == r.probabilities, name
 
+        # POST /predict on the embedded stack (SQLite, filesystem transport: FIFO, no priorities).
+        import httpx
+
+        r = httpx.post(f"http://127.0.0.1:{port}/predict", timeout=60,
+                       files=[("file", ("fresh.png", write_png(originals / "fresh.png", seed=99).read_bytes()))])
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "done" and set(r.json()["probabilities"]) == set(by_name["film0.png"].probabilities)
+        fresh = f"http://127.0.0.1:{port}/studies/{r.json()['study_id']}"
+        wait_until(lambda: httpx.get(fresh).json()["status"] == "done", timeout=60)  # its heatmap follows the answer
+
         # The worklist reads the same rows.
         wl = json.loads(cxr("worklist", "--format", "json", env=env).stdout)
-        assert {w["filename"] for w in wl} == set(by_name)
+        assert {w["filename"] for w in wl} == set(by_name) | {"fresh.png"}
         assert all(w["status"] == "done" and w["heatmap_path"] for w in wl)
     finally:
         codes = stack.stop()

@@ -125,7 +125,17 @@ def process_study(settings: Settings, study_id: uuid.UUID) -> str:
         return "failed"
 
     heatmap_to = settings.heatmap_dir / f"{study_id}.png"  # written only if the heatmap policy wants one
-    outcome = screener.screen(data, heatmap_to=heatmap_to)
+
+    def publish_scores(scored) -> None:
+        # The scores are stored before the heatmap is drawn and written; the study stays
+        # `processing` until then. POST /predict answers from this row.
+        with session_scope(settings.database_url) as session:
+            repo.record_result(session, study_id=study_id, model_version_id=mv_id, probabilities=scored.probabilities,
+                               predicted_class=scored.predicted_class, risk=scored.risk, flagged=scored.flagged,
+                               heatmap_path=None, timings_ms=scored.timings_ms, final=False)
+
+    outcome = screener.screen(data, heatmap_to=heatmap_to,
+                              on_scored=publish_scores if settings.heatmaps != "none" else None)
     with session_scope(settings.database_url) as session:
         repo.update_study_metadata(session, study_id=study_id, metadata=outcome.metadata)
         if outcome.status == "done":

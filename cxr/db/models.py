@@ -63,6 +63,10 @@ class Job(Base):
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     source: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # POSTed the job's report once every study is finished (retried with backoff).
+    callback_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    callback_state: Mapped[str | None] = mapped_column(String(16), nullable=True)  # pending, sending, sent, failed
+    callback_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     items: Mapped[list["JobStudy"]] = relationship(back_populates="job", order_by="JobStudy.position")
 
@@ -168,3 +172,17 @@ class Result(Base):
 
     study: Mapped[Study] = relationship(back_populates="results")
     model_version: Mapped[ModelVersion] = relationship()
+
+
+class ApiKey(Base):
+    """An API key, stored only as its sha256 (keys are 256-bit random tokens, so a plain
+    hash cannot be reversed). ``prefix`` (the first characters) lets people tell keys apart."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -11,17 +11,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from cxr.db.models import (
-    STUDY_METADATA_COLUMNS, Job, JobStudy, ModelVersion, Result, Study, StudyFile, StudyStatus, utcnow,
+    STUDY_METADATA_COLUMNS, ApiKey, Job, JobStudy, ModelVersion, Result, Study, StudyFile, StudyStatus, utcnow,
 )
 
 
-def create_job(session: Session, *, source: str) -> Job:
-    job = Job(source=source)
+def create_job(session: Session, *, source: str, callback_url: str | None = None) -> Job:
+    job = Job(source=source, callback_url=callback_url, callback_state="pending" if callback_url else None)
     session.add(job)
     session.flush()
     return job
@@ -256,11 +256,19 @@ def record_result(
     flagged: bool,
     heatmap_path: str | None,
     timings_ms: dict[str, float],
+    final: bool = True,
 ) -> Result:
-    """Store a result and mark the study done. A result already stored for this model wins."""
+    """Store a result and (``final``) mark the study done. A result already stored for this
+    model wins; only its missing heatmap (and timings) are filled in.
+
+    ``final=False`` stores the scores before the heatmap exists: the study stays
+    ``processing`` (POST /predict answers from such a row; ``done`` waits for the heatmap)."""
     result = session.scalar(
         select(Result).where(Result.study_id == study_id, Result.model_version_id == model_version_id)
     )
+    if result is not None and result.heatmap_path is None and heatmap_path is not None:
+        result.heatmap_path = heatmap_path
+        result.timings_ms = timings_ms
     if result is None:
         result = Result(
             study_id=study_id,
@@ -274,12 +282,13 @@ def record_result(
             timings_ms=timings_ms,
         )
         session.add(result)
-    session.execute(
-        update(Study)
-        .where(Study.id == study_id)
-        .values(status=StudyStatus.done.value, error=None, reject_code=None, finished_at=utcnow(),
-                updated_at=utcnow())
-    )
+    if final:
+        session.execute(
+            update(Study)
+            .where(Study.id == study_id)
+            .values(status=StudyStatus.done.value, error=None, reject_code=None, finished_at=utcnow(),
+                    updated_at=utcnow())
+        )
     session.flush()
     return result
 
@@ -299,6 +308,36 @@ class WorklistRow:
     study: Study
     result: Result | None
 
+    @property
+    def key(self) -> "WorklistKey":
+        """This row's place in the worklist order (what a cursor points after)."""
+        return WorklistKey(
+            group=_group_of(self.study.status),
+            flagged=1 if self.result is not None and self.result.flagged else 0,
+            risk=float(self.result.risk) if self.result is not None else -1.0,
+            created_at=self.study.created_at,
+            study_id=self.study.id,
+        )
+
+
+@dataclass(frozen=True)
+class WorklistKey:
+    """A position in the worklist order: (group, flagged, risk, created_at, study id)."""
+
+    group: int
+    flagged: int
+    risk: float
+    created_at: datetime
+    study_id: uuid.UUID
+
+
+def _group_of(status: str) -> int:
+    if status == StudyStatus.done.value:
+        return 0
+    if status in (StudyStatus.queued.value, StudyStatus.processing.value):
+        return 1
+    return 2
+
 
 def latest_result(study: Study) -> Result | None:
     return study.results[-1] if study.results else None
@@ -309,10 +348,18 @@ def worklist(
     *,
     status: str | None = None,
     since: datetime | None = None,
+    until: datetime | None = None,
+    flagged: bool | None = None,
+    predicted_class: str | None = None,
+    model_version: str | None = None,
+    after: WorklistKey | None = None,
     limit: int | None = 100,
 ) -> list[WorklistRow]:
     """Studies for review: scored ones first, flagged before unflagged, highest risk first;
-    then queued/processing; then rejected and failed ones, newest first."""
+    then queued/processing; then rejected and failed ones, newest first (ties: study id).
+
+    ``flagged``, ``predicted_class`` and ``model_version`` filter on the newest result.
+    ``after`` continues the list after that row (keyset pagination: stable while rows are added)."""
     # The newest result per study (a max(id) subquery works on SQLite and Postgres alike).
     latest = select(Result.study_id, func.max(Result.id).label("rid")).group_by(Result.study_id).subquery()
     stmt = (
@@ -324,20 +371,48 @@ def worklist(
         stmt = stmt.where(Study.status == status)
     if since is not None:
         stmt = stmt.where(Study.created_at >= since)
+    if until is not None:
+        stmt = stmt.where(Study.created_at < until)
+    if flagged is not None:
+        stmt = stmt.where(Result.flagged.is_(flagged))
+    if predicted_class:
+        stmt = stmt.where(Result.predicted_class == predicted_class)
+    if model_version:
+        stmt = stmt.where(Result.model_version_id.in_(
+            select(ModelVersion.id).where(ModelVersion.version == model_version)))
     group = case(
         (Study.status == StudyStatus.done.value, 0),
         (Study.status.in_([StudyStatus.queued.value, StudyStatus.processing.value]), 1),
         else_=2,
     )
-    stmt = stmt.order_by(
-        group,
-        Result.flagged.desc().nulls_last(),
-        Result.risk.desc().nulls_last(),
-        Study.created_at.desc(),
-    )
+    # No result sorts as unflagged with risk -1: after every scored row of its group, as NULLS LAST did.
+    flag = case((Result.flagged.is_(True), 1), else_=0)
+    risk = func.coalesce(Result.risk, -1.0)
+    if after is not None:
+        stmt = stmt.where(or_(
+            group > after.group,
+            and_(group == after.group, or_(
+                flag < after.flagged,
+                and_(flag == after.flagged, or_(
+                    risk < after.risk,
+                    and_(risk == after.risk, or_(
+                        Study.created_at < after.created_at,
+                        and_(Study.created_at == after.created_at, Study.id < after.study_id),
+                    )),
+                )),
+            )),
+        ))
+    stmt = stmt.order_by(group, flag.desc(), risk.desc(), Study.created_at.desc(), Study.id.desc())
     if limit:
         stmt = stmt.limit(limit)
     return [WorklistRow(study=s, result=r) for s, r in session.execute(stmt).all()]
+
+
+def study_statuses(session: Session, *, study_ids: list[uuid.UUID]) -> dict[uuid.UUID, tuple[str, bool]]:
+    """(status, has a result) per study."""
+    scored = select(Result.id).where(Result.study_id == Study.id).exists()
+    return {sid: (status, bool(has)) for sid, status, has in
+            session.execute(select(Study.id, Study.status, scored).where(Study.id.in_(study_ids))).all()}
 
 
 def study_summary(study: Study, result: Result | None) -> dict[str, Any]:
@@ -361,3 +436,87 @@ def study_summary(study: Study, result: Result | None) -> dict[str, Any]:
         "created_at": study.created_at.isoformat() if study.created_at else None,
         "finished_at": study.finished_at.isoformat() if study.finished_at else None,
     }
+
+
+def add_api_key(session: Session, *, name: str, prefix: str, key_sha256: str) -> ApiKey:
+    key = ApiKey(name=name, prefix=prefix, key_sha256=key_sha256)
+    session.add(key)
+    session.flush()
+    return key
+
+
+def revoke_api_key(session: Session, *, key_id: int | None = None, prefix: str | None = None) -> list[ApiKey]:
+    """Revoke the active key(s) with this id or prefix; returns what was revoked."""
+    stmt = select(ApiKey).where(ApiKey.revoked_at.is_(None))
+    if key_id is not None:
+        stmt = stmt.where(ApiKey.id == key_id)
+    elif prefix:
+        stmt = stmt.where(ApiKey.prefix == prefix)
+    else:
+        return []
+    keys = list(session.scalars(stmt))
+    for key in keys:
+        key.revoked_at = utcnow()
+    session.flush()
+    return keys
+
+
+def list_api_keys(session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
+
+
+def api_key_status(session: Session, *, key_sha256: str | None) -> tuple[bool, bool]:
+    """(any active key is stored, this hash is an active stored key)."""
+    active = ApiKey.revoked_at.is_(None)
+    any_active = session.scalar(select(ApiKey.id).where(active).limit(1)) is not None
+    match = bool(key_sha256) and any_active and session.scalar(
+        select(ApiKey.id).where(active, ApiKey.key_sha256 == key_sha256)) is not None
+    return any_active, match
+
+
+TERMINAL_STATUSES = (StudyStatus.done.value, StudyStatus.failed.value, StudyStatus.rejected.value)
+
+
+def job_report(session: Session, *, job_id: uuid.UUID) -> dict[str, Any] | None:
+    """The JSON shape of GET /jobs/{id} (and of a job's callback)."""
+    job = get_job(session, job_id=job_id)
+    if job is None:
+        return None
+    studies = [study_summary(item.study, latest_result(item.study)) | {"filename": item.filename}
+               for item in job.items]
+    counts: dict[str, int] = {}
+    for s in studies:
+        counts[s["status"]] = counts.get(s["status"], 0) + 1
+    statuses = [s["status"] for s in studies]
+    if statuses and all(s in TERMINAL_STATUSES for s in statuses):
+        overall = "done"
+    elif any(s != StudyStatus.queued.value for s in statuses):
+        overall = "processing"
+    else:
+        overall = "queued"
+    return {"job_id": str(job.id), "status": overall, "counts": counts, "studies": studies}
+
+
+def claim_complete_callbacks(session: Session, *, study_id: uuid.UUID | None = None,
+                             job_id: uuid.UUID | None = None) -> list[uuid.UUID]:
+    """Jobs (holding this study, or this job) whose callback is pending and whose studies are
+    all finished, moved to ``sending``: each is claimed by exactly one caller."""
+    stmt = select(Job.id).where(Job.callback_state == "pending")
+    if study_id is not None:
+        stmt = stmt.where(Job.id.in_(select(JobStudy.job_id).where(JobStudy.study_id == study_id)))
+    if job_id is not None:
+        stmt = stmt.where(Job.id == job_id)
+    unfinished = (select(JobStudy.job_id).join(Study, Study.id == JobStudy.study_id)
+                  .where(JobStudy.job_id == Job.id, Study.status.not_in(TERMINAL_STATUSES)).exists())
+    claimed = []
+    for jid in session.scalars(stmt.where(~unfinished)).all():
+        res = session.execute(update(Job).where(Job.id == jid, Job.callback_state == "pending")
+                              .values(callback_state="sending"))
+        if res.rowcount == 1:
+            claimed.append(jid)
+    session.flush()
+    return claimed
+
+
+def finish_callback(session: Session, *, job_id: uuid.UUID, state: str) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(callback_state=state, callback_at=utcnow()))

@@ -85,9 +85,26 @@ def render_overlay(pixels: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4) -
     return Image.fromarray((np.clip(rgb, 0, 1) * 255).round().astype(np.uint8))
 
 
+def render_heatmap(pixels: np.ndarray, cam: np.ndarray) -> Image.Image:
+    """The heatmap alone (jet colours), at the overlay's size."""
+    h, w = pixels.shape
+    scale = min(1.0, OVERLAY_MAX_SIDE / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    heat = np.asarray(Image.fromarray(np.asarray(cam, dtype=np.float32)).resize(size, Image.Resampling.BILINEAR))
+    return Image.fromarray((jet(heat) * 255).round().astype(np.uint8))
+
+
+def heatmap_only_path(overlay_path: Path) -> Path:
+    """Where the bare heatmap is kept next to the overlay: ``<id>.png`` -> ``<id>.cam.png``."""
+    return overlay_path.with_name(overlay_path.stem + ".cam.png")
+
+
 def save_heatmap(pixels: np.ndarray, cam: np.ndarray, path: Path) -> Path:
+    """Write the overlay (heatmap blended on the radiograph) at ``path`` and the bare heatmap
+    beside it (``heatmap_only_path``). Returns the overlay's path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    render_overlay(pixels, cam).save(tmp, format="PNG", compress_level=1)  # encoding dominates a heatmap's cost
-    tmp.replace(path)
+    for image, dest in ((render_heatmap(pixels, cam), heatmap_only_path(path)), (render_overlay(pixels, cam), path)):
+        tmp = dest.with_name(dest.name + ".tmp")
+        image.save(tmp, format="PNG", compress_level=1)  # encoding dominates a heatmap's cost
+        tmp.replace(dest)
     return path

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,8 +140,13 @@ class Screener:
                 return model.from_last_conv(features), features
             return model(tensor), None
 
-    def screen(self, data: bytes, *, heatmap_to: Path | None = None) -> Outcome:
-        """Score one file. Input problems come back as an Outcome, never as an exception."""
+    def screen(self, data: bytes, *, heatmap_to: Path | None = None,
+               on_scored: Callable[[Outcome], None] | None = None) -> Outcome:
+        """Score one file. Input problems come back as an Outcome, never as an exception.
+
+        ``on_scored`` is called with the scores (no heatmap yet) before Grad-CAM runs, so a
+        caller can publish them early: rendering and writing the heatmap PNGs costs more
+        than the forward pass."""
         t0 = time.perf_counter()
         try:
             pixels, metadata = gated_pixels(data, self.options)
@@ -158,6 +164,10 @@ class Screener:
         risk, flagged = risk_and_flag(probs, self.meta)
         heatmap_path = None
         timings = {"decode_preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "batch_size": batch_size}
+        if on_scored is not None:
+            on_scored(Outcome(status="done", probabilities=probs, predicted_class=predicted, risk=risk,
+                              flagged=flagged, timings_ms={k: round(v, 2) for k, v in timings.items()},
+                              metadata=metadata))
         wanted = self.options.heatmaps == "all" or (self.options.heatmaps == "flagged" and flagged)
         if heatmap_to is not None and wanted:
             target = self.meta.classes.index(predicted)

@@ -1,0 +1,177 @@
+"""Upload handling for the API: body size limit, content sniffing, zip intake.
+
+Client file names are never used as paths: files go into the content-addressed store
+under their sha256, and names are kept only as display names (``cxr.store.safe_filename``).
+Errors name files by their position, never by name (names may carry patient identifiers).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import BinaryIO
+
+from fastapi import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cxr.dicom import is_dicom
+from cxr.settings import get_settings
+from cxr.store import Stored, put_stream
+
+ACCEPTED = {"png": "image/png", "jpeg": "image/jpeg", "dicom": "application/dicom"}
+ZIP_MAGIC = b"PK\x03\x04"
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (ZIP_MAGIC, "application/zip"),
+    (b"PK\x05\x06", "application/zip"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"%PDF", "application/pdf"),
+    (b"II*\x00", "image/tiff"),
+    (b"MM\x00*", "image/tiff"),
+    (b"BM", "image/bmp"),
+    (b"\x1f\x8b", "application/gzip"),
+    (b"\x00\x00\x00\x0cjP  ", "image/jp2"),
+)
+SNIFF_BYTES = 132
+
+
+def detect(head: bytes) -> str:
+    """The media type of a file from its first bytes (at least 132 when the file has them)."""
+    if not head:
+        return "empty"
+    if is_dicom(head):
+        return "application/dicom"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    for magic, media in _SIGNATURES:
+        if head.startswith(magic):
+            return media
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "application/octet-stream"
+    return "text/plain"
+
+
+def peek(stream: BinaryIO) -> bytes:
+    head = stream.read(SNIFF_BYTES)
+    stream.seek(0)
+    return head
+
+
+def require_image(head: bytes, *, what: str) -> None:
+    """415 unless the bytes are PNG, JPEG or DICOM Part 10; the message gives the detected type."""
+    media = detect(head)
+    if media not in ACCEPTED.values():
+        raise HTTPException(415, f"{what} is {media}; only PNG, JPEG and DICOM (Part 10) files are accepted")
+
+
+def too_large(limit_bytes: int) -> HTTPException:
+    return HTTPException(413, f"the upload is larger than the limit of {limit_bytes / 1048576:g} MB "
+                              "(CXR_MAX_UPLOAD_MB)")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body larger than CXR_MAX_UPLOAD_MB gets 413.
+
+    A declared Content-Length over the limit is refused before any byte is read; a body
+    without one (chunked) is counted as it arrives and refused when it crosses the limit,
+    so it is never read, let alone held in memory, beyond the limit."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        limit = get_settings().max_upload_bytes
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _send_413(send, limit)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise too_large(limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+async def _send_413(send: Send, limit: int) -> None:
+    import json
+
+    body = json.dumps({"detail": too_large(limit).detail}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+@dataclass(frozen=True)
+class Member:
+    filename: str  # the member's last path component, for display only
+    stored: Stored
+
+
+def is_zip(head: bytes) -> bool:
+    return head.startswith(ZIP_MAGIC) or head.startswith(b"PK\x05\x06")
+
+
+def member_problem(name: str) -> str | None:
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return "has an absolute path"
+    if any(part == ".." for part in name.replace("\\", "/").split("/")):
+        return "has '..' in its path"
+    return None
+
+
+def _skipped(info: zipfile.ZipInfo) -> bool:
+    """Folders and macOS resource forks are not files anyone sent on purpose."""
+    base = PurePosixPath(info.filename.replace("\\", "/")).name
+    return info.is_dir() or info.filename.startswith("__MACOSX/") or base.startswith("._") or base == ".DS_Store"
+
+
+def unpack_zip(stream: BinaryIO, *, store_dir, max_total_bytes: int, max_members: int) -> Iterator[Member]:
+    """Store each file of a zip. Refuses (before storing anything) members with '..' or an
+    absolute path, more than ``max_members`` files, or a declared total uncompressed size
+    over ``max_total_bytes`` (zip bombs); each member is read only up to its declared size."""
+    try:
+        zf = zipfile.ZipFile(stream)
+    except zipfile.BadZipFile as e:
+        raise HTTPException(400, f"the zip file cannot be read: {e}") from e
+    with zf:
+        infos = [i for i in zf.infolist() if not _skipped(i)]
+        for n, info in enumerate(infos):
+            problem = member_problem(info.filename)
+            if problem:
+                raise HTTPException(400, f"zip member {n + 1} {problem}; zip files must hold plain relative paths")
+        if len(infos) > max_members:
+            raise HTTPException(413, f"the zip holds {len(infos)} files; at most {max_members} are accepted "
+                                     "(CXR_MAX_ZIP_MEMBERS)")
+        total = sum(i.file_size for i in infos)
+        if total > max_total_bytes:
+            raise HTTPException(413, f"the zip expands to {total} bytes, over the limit of {max_total_bytes} "
+                                     "(CXR_MAX_ZIP_UNCOMPRESSED_MB)")
+        if not infos:
+            raise HTTPException(400, "the zip holds no files")
+        for n, info in enumerate(infos):
+            with zf.open(info) as f:
+                require_image(f.read(SNIFF_BYTES), what=f"zip member {n + 1}")
+        for n, info in enumerate(infos):
+            try:
+                with zf.open(info) as f:
+                    stored = put_stream(store_dir, f, max_bytes=info.file_size)
+            except (zipfile.BadZipFile, ValueError) as e:
+                raise HTTPException(400, f"zip member {n + 1} cannot be read: {e}") from e
+            yield Member(filename=PurePosixPath(info.filename.replace("\\", "/")).name, stored=stored)

@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""API load on loopback: POST /jobs upload throughput and POST /predict latency.
+
+Starts `cxr api` and one `cxr worker` (solo pool) in a temporary CXR_HOME, on the
+database and broker given (default: CXR_DATABASE_URL / CXR_BROKER_URL from the
+environment, else the embedded SQLite + filesystem broker), with the shipped model unless
+--checkpoint or CXR_CHECKPOINT says otherwise. Then:
+
+1. the bare model forward time, in this process (same bundle, CXR_TORCH_THREADS threads);
+2. POST /predict one at a time, --predict distinct files, each sent once the worker has
+   finished the previous one (heatmap included): p50/p95 latency on an idle worker, next to
+   the worker's own timings (decode + preprocess, forward, Grad-CAM) from the results.
+   /predict answers once the scores are stored, before Grad-CAM runs;
+3. POST /jobs with --uploads files of about 500 KB, one per request, --concurrency at a
+   time (an httpx async loop): files/s and MB/s until every 202 is back.
+
+    python benchmarks/api_load.py [--predict 30] [--uploads 60] [--concurrency 4] [--no-heatmaps]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from tests.stack import Stack, clean_env, cxr, free_port  # noqa: E402
+
+
+def png_500k(seed: int) -> bytes:
+    """A grey PNG of about 500 KB: a smooth chest-like gradient with noise (noise does not compress)."""
+    rng = np.random.default_rng(seed)
+    side = 720
+    y, x = np.mgrid[0:side, 0:side] / side
+    base = 120 + 60 * np.sin(3 * x) * np.cos(2 * y)
+    arr = np.clip(base + rng.normal(0, 40, (side, side)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
+
+
+def forward_ms(bundle: Path, threads: int, n: int = 30) -> list[float]:
+    import torch
+
+    from worker.screening.infer import infer
+    from worker.screening.model import load_bundle
+
+    torch.set_num_threads(threads)
+    loaded = load_bundle(bundle)
+    m = loaded.meta
+    x = np.random.default_rng(0).normal(size=(1, m.in_chans, m.input_size, m.input_size)).astype(np.float32)
+    for _ in range(3):
+        infer(loaded.model, x, temperature=m.temperature)
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        infer(loaded.model, x, temperature=m.temperature)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+async def upload_all(base: str, files: list[bytes], concurrency: int) -> float:
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        async def one(i: int, data: bytes) -> None:
+            async with sem:
+                r = await client.post("/jobs", files=[("files", (f"u{i}.png", data, "image/png"))])
+                if r.status_code != 202:
+                    raise RuntimeError(f"POST /jobs answered {r.status_code}: {r.text[:300]}")
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i, d) for i, d in enumerate(files)))
+        return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--predict", type=int, default=30, help="POST /predict requests (one at a time)")
+    ap.add_argument("--uploads", type=int, default=60, help="files of ~500 KB sent to POST /jobs")
+    ap.add_argument("--concurrency", type=int, default=4, help="POST /jobs requests in flight")
+    ap.add_argument("--checkpoint", type=Path, help="bundle (default: CXR_CHECKPOINT or the shipped model)")
+    ap.add_argument("--database-url", default=os.environ.get("CXR_DATABASE_URL", ""))
+    ap.add_argument("--broker-url", default=os.environ.get("CXR_BROKER_URL", ""))
+    ap.add_argument("--no-heatmaps", action="store_true", help="workers skip Grad-CAM (CXR_HEATMAPS=false)")
+    args = ap.parse_args()
+
+    from cxr.settings import DEFAULT_BUNDLE
+
+    bundle = (args.checkpoint or Path(os.environ.get("CXR_CHECKPOINT") or DEFAULT_BUNDLE)).resolve()
+    threads = int(os.environ.get("CXR_TORCH_THREADS", "1"))
+    tmp = Path(tempfile.mkdtemp(prefix="cxr-apiload-"))
+    env = clean_env(CXR_HOME=str(tmp / "var"), CXR_CHECKPOINT=str(bundle), CXR_TORCH_THREADS=str(threads),
+                    CXR_QUEUE=f"cxr-bench-{uuid.uuid4().hex[:8]}", CXR_HEATMAPS=str(not args.no_heatmaps).lower())
+    if args.database_url:
+        env["CXR_DATABASE_URL"] = args.database_url
+    if args.broker_url:
+        env["CXR_BROKER_URL"] = args.broker_url
+    print(f"database {args.database_url or 'SQLite (embedded)'}, broker {args.broker_url or 'filesystem://'}, "
+          f"bundle {bundle.name}, heatmaps {'off' if args.no_heatmaps else 'on'}, torch threads {threads}",
+          file=sys.stderr)
+    fwd = forward_ms(bundle, threads)
+    predict_files = [png_500k(1000 + i) for i in range(args.predict + 2)]
+    upload_files = [png_500k(5000 + i) for i in range(args.uploads)]
+
+    cxr("db", "upgrade", env=env)
+    (tmp / "logs").mkdir()
+    stack = Stack(log_dir=tmp / "logs", env=env)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    stack.start("api", "api", "--port", str(port))
+    stack.start("worker", "worker")
+    lat, worker_t = [], []
+    try:
+        stack.wait_http(f"{base}/health")
+        with httpx.Client(base_url=base, timeout=120) as c:
+            for i, data in enumerate(predict_files):
+                t0 = time.perf_counter()
+                r = c.post("/predict", files=[("file", (f"p{i}.png", data, "image/png"))])
+                dt = (time.perf_counter() - t0) * 1e3
+                if r.status_code != 200:
+                    raise RuntimeError(f"/predict answered {r.status_code}: {r.text[:300]}\n{stack.logs()}")
+                # Let the worker finish this study (its Grad-CAM runs after the answer) so the
+                # next request meets an idle worker: this measures latency, not queueing.
+                sid = r.json()["study_id"]
+                while (study := c.get(f"/studies/{sid}").json())["status"] not in ("done", "rejected", "failed"):
+                    time.sleep(0.01)
+                if i >= 2:  # the first two warm the worker and the API's connection pools
+                    lat.append(dt)
+                    worker_t.append(study["timings_ms"])
+        elapsed = asyncio.run(upload_all(base, upload_files, args.concurrency))
+    finally:
+        stack.stop()
+    mb = sum(len(d) for d in upload_files) / 1e6
+
+    def med(key: str) -> float:
+        return statistics.median(t.get(key, 0.0) for t in worker_t)
+
+    f50 = statistics.median(fwd)
+    p50 = statistics.median(lat)
+    print("| measure | value |")
+    print("|---|---|")
+    print(f"| bare model forward p50 (this process, {threads} thread) | {f50:.1f} ms |")
+    print(f"| /predict p50 / p95 (n={len(lat)}, ~{len(predict_files[0]) / 1e3:.0f} KB PNG) | "
+          f"{p50:.1f} / {pct(lat, 0.95):.1f} ms |")
+    print(f"| worker: decode+preprocess / forward / Grad-CAM (p50) | {med('decode_preprocess'):.1f} / "
+          f"{med('infer'):.1f} / {med('gradcam'):.1f} ms |")
+    print(f"| /predict p50 - bare forward (target <= 30 ms) | {p50 - f50:.1f} ms |")
+    print(f"| /predict p50 - worker decode+preprocess+forward (API + queue + DB) | "
+          f"{p50 - med('decode_preprocess') - med('infer'):.1f} ms |")
+    print(f"| POST /jobs upload ({len(upload_files)} files, {mb / len(upload_files) * 1e3:.0f} KB each, "
+          f"{args.concurrency} in flight) | {len(upload_files) / elapsed:.1f} files/s, {mb / elapsed:.1f} MB/s |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
