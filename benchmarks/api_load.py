@@ -99,7 +99,7 @@ def main() -> int:
     ap.add_argument("--checkpoint", type=Path, help="bundle (default: CXR_CHECKPOINT or the shipped model)")
     ap.add_argument("--database-url", default=os.environ.get("CXR_DATABASE_URL", ""))
     ap.add_argument("--broker-url", default=os.environ.get("CXR_BROKER_URL", ""))
-    ap.add_argument("--no-heatmaps", action="store_true", help="workers skip Grad-CAM (CXR_HEATMAPS=false)")
+    ap.add_argument("--no-heatmaps", action="store_true", help="workers skip Grad-CAM (CXR_HEATMAPS=none)")
     args = ap.parse_args()
 
     from cxr.settings import DEFAULT_BUNDLE
@@ -108,7 +108,7 @@ def main() -> int:
     threads = int(os.environ.get("CXR_TORCH_THREADS", "1"))
     tmp = Path(tempfile.mkdtemp(prefix="cxr-apiload-"))
     env = clean_env(CXR_HOME=str(tmp / "var"), CXR_CHECKPOINT=str(bundle), CXR_TORCH_THREADS=str(threads),
-                    CXR_QUEUE=f"cxr-bench-{uuid.uuid4().hex[:8]}", CXR_HEATMAPS=str(not args.no_heatmaps).lower())
+                    CXR_QUEUE=f"cxr-bench-{uuid.uuid4().hex[:8]}", CXR_HEATMAPS="none" if args.no_heatmaps else "all")
     if args.database_url:
         env["CXR_DATABASE_URL"] = args.database_url
     if args.broker_url:
