@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,15 +74,3 @@ def put_file(store_dir: Path, src: Path) -> Stored:
     """Copy a file into the store (the source is left in place)."""
     with src.open("rb") as f:
         return put_stream(store_dir, f)
-
-
-def move_file(store_dir: Path, src: Path) -> Stored:
-    """Store a file and remove the original, which is gone only once the stored copy is durable."""
-    stored = put_file(store_dir, src)
-    src.unlink(missing_ok=True)
-    return stored
-
-
-def copy_out(stored_path: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(stored_path, dest)
