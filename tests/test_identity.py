@@ -34,7 +34,8 @@ def env(request, tmp_path):
     upgrade(settings.database_url)
     celery = Celery(broker="filesystem://")
     qdir = str(settings.broker_dir / "queue")
-    celery.conf.broker_transport_options = {"data_folder_in": qdir, "data_folder_out": qdir}
+    celery.conf.broker_transport_options = {"data_folder_in": qdir, "data_folder_out": qdir,
+                                            "control_folder": qdir + "-control"}
     return settings, celery
 
 
@@ -145,7 +146,8 @@ def test_configured_pseudonym_key_is_used_and_the_same_patient_links(tmp_path):
     upgrade(settings.database_url)
     celery = Celery(broker="filesystem://")
     qdir = str(settings.broker_dir / "queue")
-    celery.conf.broker_transport_options = {"data_folder_in": qdir, "data_folder_out": qdir}
+    celery.conf.broker_transport_options = {"data_folder_in": qdir, "data_folder_out": qdir,
+                                            "control_folder": qdir + "-control"}
     submit((settings, celery), to_bytes(chest_dataset(320, seed=44)), "a.dcm")
     submit((settings, celery), to_bytes(chest_dataset(320, seed=45)), "b.dcm")
     studies = rows(settings, Study)

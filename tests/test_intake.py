@@ -45,7 +45,8 @@ def test_watcher_waits_for_size_to_settle_and_stores_once(tmp_path):
     # A real filesystem broker: the watcher's enqueue lands in the queue folder.
     celery = Celery(broker="filesystem://")
     qdir = str(settings.broker_dir / "queue")
-    celery.conf.broker_transport_options = {"data_folder_in": qdir, "data_folder_out": qdir}
+    celery.conf.broker_transport_options = {"data_folder_in": qdir, "data_folder_out": qdir,
+                                            "control_folder": qdir + "-control"}
     w = InboxWatcher(settings, celery)
     growing = settings.inbox / "growing.png"
     growing.write_bytes(b"\x89PNG")  # a copy still in progress

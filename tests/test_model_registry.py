@@ -51,7 +51,8 @@ def test_activate_list_and_worker_uses_active_version(tmp_path, tiny_bundle):
     celery = Celery(broker="filesystem://")
     qdir = str(tmp_path / "q")
     Path(qdir).mkdir()
-    celery.conf.broker_transport_options = {"data_folder_in": qdir, "data_folder_out": qdir}
+    celery.conf.broker_transport_options = {"data_folder_in": qdir, "data_folder_out": qdir,
+                                            "control_folder": qdir + "-control"}
     stored = put_file(settings.store_dir, write_png(tmp_path / "f.png"))
     study = register(settings, celery, stored=stored, filename="f.png", source="api")
     assert process_study(settings, study.study_id) == "done"
