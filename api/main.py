@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import logging
 import time
@@ -19,7 +20,8 @@ from typing import Annotated, Any
 from celery import Celery
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
 from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -230,10 +232,22 @@ def predict_batch(
     return [_prediction(session, r) for r in refs]
 
 
+def _png_bytes(path: Path) -> bytes:
+    """A stored heatmap image as PNG. Workers keep the overlay as a JPEG (it encodes ~10x
+    faster, off the screening path); it is turned into the PNG clients get on request."""
+    data = path.read_bytes()
+    if data.startswith(b"\x89PNG"):
+        return data
+    out = io.BytesIO()
+    with Image.open(io.BytesIO(data)) as im:
+        im.save(out, format="PNG", compress_level=3)
+    return out.getvalue()
+
+
 def _b64(path: Path | None) -> str | None:
     if path is None or not path.is_file():
         return None
-    return base64.b64encode(path.read_bytes()).decode("ascii")
+    return base64.b64encode(_png_bytes(path)).decode("ascii")
 
 
 def _heatmap_files(heatmap_path: str | None) -> tuple[Path | None, Path | None]:
@@ -241,7 +255,7 @@ def _heatmap_files(heatmap_path: str | None) -> tuple[Path | None, Path | None]:
     if not heatmap_path:
         return None, None
     overlay = Path(heatmap_path)
-    bare = overlay.with_name(overlay.stem + ".cam.png")
+    bare = overlay.with_name(overlay.stem + ".cam.png")  # as worker.screening.explain.heatmap_only_path
     return (bare if bare.is_file() else None), overlay
 
 
@@ -299,7 +313,7 @@ def get_study(study_id: uuid.UUID, session: SessionDep) -> dict[str, Any]:
     return repo.study_summary(study, repo.latest_result(study)) | {"disclaimer": DISCLAIMER}
 
 
-def _image(session: Session, study_id: uuid.UUID, *, which: str) -> FileResponse:
+def _image(session: Session, study_id: uuid.UUID, *, which: str) -> Response:
     study = repo.get_study(session, study_id=study_id)
     if study is None:
         raise HTTPException(404, f"no study {study_id}")
@@ -308,23 +322,23 @@ def _image(session: Session, study_id: uuid.UUID, *, which: str) -> FileResponse
     path = overlay if which == "overlay" else (bare or overlay)
     if path is None or not path.is_file():
         raise HTTPException(404, f"study {study_id} has no {which} (status {study.status})")
-    return FileResponse(path, media_type="image/png")
+    return Response(_png_bytes(path), media_type="image/png")
 
 
 PNG = {200: {"content": {"image/png": {}}}}
 
 
-@app.get("/studies/{study_id}/heatmap", response_class=FileResponse, dependencies=Protected,
+@app.get("/studies/{study_id}/heatmap", response_class=Response, dependencies=Protected,
          responses=errors(404) | PNG)
-def get_heatmap(study_id: uuid.UUID, session: SessionDep) -> FileResponse:
+def get_heatmap(study_id: uuid.UUID, session: SessionDep) -> Response:
     """The Grad-CAM heatmap alone (jet colours), PNG. Results made before the bare map was
     kept serve their overlay here."""
     return _image(session, study_id, which="heatmap")
 
 
-@app.get("/studies/{study_id}/overlay", response_class=FileResponse, dependencies=Protected,
+@app.get("/studies/{study_id}/overlay", response_class=Response, dependencies=Protected,
          responses=errors(404) | PNG)
-def get_overlay(study_id: uuid.UUID, session: SessionDep) -> FileResponse:
+def get_overlay(study_id: uuid.UUID, session: SessionDep) -> Response:
     """The heatmap blended on the radiograph, PNG."""
     return _image(session, study_id, which="overlay")
 

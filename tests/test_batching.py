@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from sqlalchemy import select
 
 from cxr.db.models import Result, Study
@@ -64,3 +65,14 @@ def test_threads_pool_worker_batches_a_burst(tmp_path, tiny_bundle):
     finally:
         codes = stack.stop()
     assert codes["up"] == 0, stack.logs()
+
+
+@pytest.mark.timeout(120)
+def test_a_lone_study_does_not_wait_for_a_batch(tmp_path, tiny_bundle):
+    """With nobody else decoding, the batcher runs at once instead of waiting max_wait_ms
+    for company (an interactive /predict must not pay for batching). The wait here is ten
+    minutes, so only the no-wait path can finish inside the test's timeout."""
+    screener = Screener(load_bundle(tiny_bundle), ScreenOptions(heatmaps="none", max_batch=16,
+                                                                max_wait_ms=600_000))
+    out = screener.screen(write_png(tmp_path / "alone.png", seed=3).read_bytes())
+    assert out.status == "done" and out.timings_ms["batch_size"] == 1

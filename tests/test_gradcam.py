@@ -54,3 +54,20 @@ def test_heatmap_policy_is_honoured(tmp_path, tiny_bundle, policy):
         assert (out.heatmap_path is not None) is expected
         assert (tmp_path / f"h{flag}.png").exists() is expected
         assert ("gradcam" in out.timings_ms) is expected
+
+
+def test_overlay_is_the_documented_blend_of_radiograph_and_jet_map():
+    """The fast uint8 renderer (lookup table, cv2) equals the float formula
+    0.6 * radiograph + 0.4 * jet(map) to within two grey levels (8-bit map quantisation:
+    jet's steepest slope is 4 per unit, so half a level of the map moves a colour by 0.8)."""
+    from worker.screening.explain import jet, overlay_rgb
+
+    rng = np.random.default_rng(3)
+    pixels = rng.random((300, 240)).astype(np.float32)  # below 512 px: no resizing
+    cam = rng.random((300, 240)).astype(np.float32)
+    expected = np.clip(0.6 * pixels[..., None] + 0.4 * jet(cam), 0, 1) * 255
+    got = overlay_rgb(pixels, cam).astype(np.float64)
+    assert got.shape == (300, 240, 3)
+    assert np.abs(got - expected).max() <= 2.0
+    big = overlay_rgb(rng.random((2048, 1024)).astype(np.float32), cam)
+    assert big.shape == (512, 256, 3)

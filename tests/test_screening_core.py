@@ -94,11 +94,13 @@ def test_read_meta_rejects_non_bundles(tmp_path):
 
 def test_screener_scores_and_writes_heatmap(tmp_path, tiny_bundle):
     screener = Screener(load_bundle(tiny_bundle))
-    out = screener.screen(write_png(tmp_path / "a.png").read_bytes(), heatmap_to=tmp_path / "h.png")
+    out = screener.screen(write_png(tmp_path / "a.png").read_bytes(), heatmap_to=tmp_path / "h.jpg")
     assert out.status == "done" and out.error is None
     assert abs(sum(out.probabilities.values()) - 1) < 1e-6
-    heat = Image.open(out.heatmap_path)
-    assert heat.mode == "RGB" and max(heat.size) <= 512
+    overlay = Image.open(out.heatmap_path)
+    assert overlay.format == "JPEG" and overlay.mode == "RGB" and max(overlay.size) <= 512
+    bare = Image.open(tmp_path / "h.cam.png")  # the map alone, at the model's input size
+    assert bare.format == "PNG" and bare.mode == "RGB" and bare.size == tuple(screener.meta.input_size[::-1])
     again = screener.screen(write_png(tmp_path / "b.png").read_bytes())
     assert again.heatmap_path is None
     bad = screener.screen(b"\x00" * 100)

@@ -124,7 +124,7 @@ def process_study(settings: Settings, study_id: uuid.UUID) -> str:
         log.error("study %s failed: %s", study_id, outcome_error)
         return "failed"
 
-    heatmap_to = settings.heatmap_dir / f"{study_id}.png"  # written only if the heatmap policy wants one
+    heatmap_to = settings.heatmap_dir / f"{study_id}.jpg"  # written only if the heatmap policy wants one
 
     def publish_scores(scored) -> None:
         # The scores are stored before the heatmap is drawn and written; the study stays

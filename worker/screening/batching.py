@@ -3,7 +3,9 @@
 A worker that takes several studies at once (Celery's threads pool) decodes and
 preprocesses each in its own thread, then hands the model input to the batcher. The
 batcher runs one forward pass for up to ``max_batch`` inputs, or for whatever arrived within
-``max_wait_ms`` of the first, and gives each caller its own row back. Everything else
+``max_wait_ms`` of the first, and gives each caller its own row back. It waits only while more
+inputs are on their way (``coming``: callers still decoding), so a study screened alone, such
+as an interactive POST /predict, pays no batching delay. Everything else
 (acknowledgement, failure, Grad-CAM, storing) stays per study.
 """
 
@@ -25,10 +27,12 @@ Row = tuple[torch.Tensor, torch.Tensor | None, int]
 
 
 class MicroBatcher:
-    def __init__(self, forward: Forward, *, max_batch: int, max_wait_ms: float) -> None:
+    def __init__(self, forward: Forward, *, max_batch: int, max_wait_ms: float,
+                 coming: Callable[[], int] = lambda: 1) -> None:
         if max_batch < 2:
             raise ValueError("max_batch must be at least 2 to batch anything")
         self.forward = forward
+        self.coming = coming  # how many more inputs are expected soon (0: run what is here)
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self._queue: queue.Queue[tuple[np.ndarray, Future]] = queue.Queue()
@@ -45,13 +49,18 @@ class MicroBatcher:
         items = [self._queue.get()]
         deadline = time.monotonic() + self.max_wait
         while len(items) < self.max_batch:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
             try:
-                items.append(self._queue.get(timeout=remaining))
+                items.append(self._queue.get_nowait())
+                continue
             except queue.Empty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.coming() <= 0:
                 break
+            try:  # look again soon: a caller may finish decoding, or give up waiting
+                items.append(self._queue.get(timeout=min(remaining, 0.002)))
+            except queue.Empty:
+                continue
         return items
 
     def _run(self) -> None:

@@ -122,11 +122,13 @@ class Screener:
         elif options.engine != "torch":
             raise ValueError(f"unknown engine {options.engine!r}: use torch or onnx")
         self.run_forward = lambda x: (*self.forward(x), len(x))
+        self._decoding = 0  # screen() calls that have not reached the model yet
+        self._decoding_lock = threading.Lock()
         if options.max_batch > 1:
             from worker.screening.batching import MicroBatcher
 
             self.run_forward = MicroBatcher(self.forward, max_batch=options.max_batch,
-                                            max_wait_ms=options.max_wait_ms)
+                                            max_wait_ms=options.max_wait_ms, coming=lambda: self._decoding)
 
     def forward(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(N, C, H, W) -> (logits, conv_head features or None), without gradients."""
@@ -148,12 +150,17 @@ class Screener:
         caller can publish them early: rendering and writing the heatmap PNGs costs more
         than the forward pass."""
         t0 = time.perf_counter()
+        with self._decoding_lock:
+            self._decoding += 1
         try:
             pixels, metadata = gated_pixels(data, self.options)
+            x = to_model(pixels, self.meta)
         except ImageDecodeError as e:
             return Outcome(status=status_for(e.code), reject_code=e.code, error=str(e),
                            metadata=getattr(e, "metadata", {}))
-        x = to_model(pixels, self.meta)
+        finally:
+            with self._decoding_lock:
+                self._decoding -= 1
         t1 = time.perf_counter()
         model = self.loaded.model
         logits, features, batch_size = self.run_forward(x[None])
