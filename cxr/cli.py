@@ -98,15 +98,77 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
     typer.echo(f"database at revision {revision}")
 
 
+def gpu_children(spec: str, visible: int) -> list[str]:
+    """``--gpus`` -> the CUDA_VISIBLE_DEVICES value of each worker process to start.
+
+    ``all`` is every visible GPU; otherwise a comma-separated list of GPU indices."""
+    if visible <= 0:
+        raise ValueError("--gpus: no CUDA GPU is visible here (check nvidia-smi and CUDA_VISIBLE_DEVICES); "
+                         "run `cxr worker` without --gpus to use the CPU")
+    if spec.strip().lower() == "all":
+        return [str(i) for i in range(visible)]
+    try:
+        wanted = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--gpus takes 'all' or GPU indices such as 0,1; got {spec!r}") from None
+    bad = [i for i in wanted if not 0 <= i < visible]
+    if not wanted or bad:
+        raise ValueError(f"--gpus {spec}: {visible} GPU(s) visible, numbered 0-{visible - 1}")
+    return [str(i) for i in dict.fromkeys(wanted)]
+
+
+def _supervise(procs: dict[str, subprocess.Popen], stop: threading.Event) -> None:
+    """Wait until a signal or until one child exits; then stop every child (SIGTERM: a
+    worker finishes its current batch first) and exit 1 if a child had failed."""
+    exited = None
+    while not stop.is_set() and exited is None:
+        exited = next((n for n, p in procs.items() if p.poll() is not None), None)
+        stop.wait(0.5)
+    if exited:
+        log.error("worker %s exited with code %s; stopping the others", exited, procs[exited].returncode)
+    for p in procs.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for name, p in procs.items():
+        try:
+            p.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            log.warning("worker %s did not stop in time; killing it", name)
+            p.kill()
+    raise typer.Exit(1 if exited else 0)
+
+
+def _run_gpu_workers(spec: str) -> None:
+    """One `cxr worker` process per GPU, each seeing only its own (CUDA_VISIBLE_DEVICES), so no
+    process ever shares a CUDA context or creates one before a fork. Stops them all on
+    SIGINT/SIGTERM, and stops the rest when one exits."""
+    import torch  # only counts the devices (NVML); the children are new processes, not forks
+
+    try:
+        devices = gpu_children(spec, torch.cuda.device_count())
+    except ValueError as e:
+        raise fail(str(e)) from None
+    procs = {}
+    for dev in devices:
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": dev, "CXR_DEVICE": "cuda"}
+        procs[dev] = subprocess.Popen([sys.executable, "-m", "cxr", "worker"], env=env, start_new_session=True)
+        log.info("started a worker on GPU %s (pid %d)", dev, procs[dev].pid)
+    _supervise(procs, _stop_on_signals())
+
+
 @app.command()
 def worker(
-    concurrency: Annotated[int, typer.Option(help="Worker processes. 1 runs in-process (solo pool).")] = 1,
+    concurrency: Annotated[int, typer.Option(help="Worker processes (prefork, no micro-batching). 1: one process "
+                                                  "that micro-batches CXR_MAX_BATCH studies (threads pool).")] = 1,
+    gpus: Annotated[Optional[str], typer.Option(
+        help="Start one worker process per GPU: 'all', or indices such as 0,1. Each sees only its own GPU.")] = None,
 ) -> None:
     """Run a Celery worker that screens queued studies.
 
-    The model bundle is loaded once per worker process, after any fork. With
-    CXR_MAX_BATCH > 1 the worker takes that many studies at once (threads pool): each is
-    decoded in its own thread and their forward passes are batched together.
+    The model bundle is loaded once per worker process, after any fork. By default one
+    process takes CXR_MAX_BATCH studies at once (16 on the CPU, 64 on CUDA; threads pool):
+    each is decoded in its own thread and their forward passes are batched together, while
+    heatmaps are drawn and written in the threads that screened them.
 
     Start as many workers, on as many hosts, as you like: they share the database
     (CXR_DATABASE_URL), the broker (CXR_BROKER_URL) and the store (CXR_HOME).
@@ -114,15 +176,21 @@ def worker(
     require_bundle()
     settings = get_settings()
     settings.ensure_dirs()
+    if gpus is not None:
+        _run_gpu_workers(gpus)
+        return
     from worker.tasks import app as celery_app
 
-    if settings.max_batch > 1:
-        if concurrency != 1:
+    if concurrency > 1:
+        if "max_batch" in settings.model_fields_set and settings.max_batch > 1:
             raise fail("CXR_MAX_BATCH > 1 runs one process with a threads pool; start more `cxr worker` "
-                       "processes instead of --concurrency")
+                       "processes instead of --concurrency, or set CXR_MAX_BATCH=1")
+        settings.max_batch = 1  # prefork children inherit this process's settings
+        pool = "prefork"
+    elif settings.max_batch > 1:
         pool, concurrency = "threads", settings.max_batch
     else:
-        pool = "solo" if concurrency == 1 else "prefork"
+        pool = "solo"
     celery_app.worker_main([
         "worker", f"--loglevel={settings.log_level}", "-Q", settings.queue, f"--concurrency={concurrency}",
         f"--pool={pool}", "-n", f"cxr-{os.getpid()}@%h", "--without-gossip", "--without-mingle",

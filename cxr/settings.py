@@ -49,12 +49,16 @@ class Settings(BaseSettings):
     checkpoint: Path | None = Field(None, description="Model bundle (.safetensors) the workers load.")
     queue: str = Field("cxr", description="Celery queue name.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per worker process.")
-    engine: Literal["torch", "onnx"] = Field(
-        "torch", description="Inference engine: torch, or onnx (onnxruntime, CPU; Grad-CAM stays in torch).")
-    max_batch: int = Field(1, ge=1, description="Studies per forward pass; > 1 runs the worker with a "
-                           "threads pool of this many and micro-batches their forward passes.")
-    max_wait_ms: float = Field(50.0, ge=0, description="How long a batch waits for more studies after its first.")
-    device: str = Field("cpu", description="Torch device for inference: cpu, cuda, cuda:N.")
+    engine: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="Inference engine: torch, or onnx (onnxruntime, CPU only; Grad-CAM stays in torch). "
+        "auto: onnx on the CPU (about twice torch's rate here, see benchmarks/pipeline.py), torch on CUDA.")
+    max_batch: int | None = Field(None, ge=1, description="Studies per forward pass; > 1 runs the worker with a "
+                                  "threads pool of this many and micro-batches their forward passes. "
+                                  "Default 16 on the CPU, 64 on CUDA.")
+    max_wait_ms: float = Field(50.0, ge=0, description="How long a batch waits for more studies after its first "
+                               "(only while more are being decoded).")
+    device: str = Field("cpu", description="Torch device for inference: cpu, cuda or cuda:N. Without a usable "
+                        "GPU a cuda worker says so in its log and runs on the CPU. See also `cxr worker --gpus`.")
     heatmaps: Literal["all", "flagged", "none"] = Field(
         "all", description="Which scored studies get a Grad-CAM heatmap PNG: all, only flagged ones, or none.")
     watch_settle_seconds: float = Field(1.0, ge=0, description="A file must keep its size this long before intake.")
@@ -130,6 +134,11 @@ class Settings(BaseSettings):
             self.broker_url = "filesystem://"
         if self.checkpoint is not None:
             self.checkpoint = self.checkpoint.expanduser().resolve()
+        on_cuda = self.device.startswith("cuda")
+        if self.engine == "auto":
+            self.engine = "torch" if on_cuda else "onnx"
+        if self.max_batch is None:
+            self.max_batch = 64 if on_cuda else 16
         return self
 
     # Derived locations -------------------------------------------------------------

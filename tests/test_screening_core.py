@@ -100,7 +100,7 @@ def test_screener_scores_and_writes_heatmap(tmp_path, tiny_bundle):
     overlay = Image.open(out.heatmap_path)
     assert overlay.format == "JPEG" and overlay.mode == "RGB" and max(overlay.size) <= 512
     bare = Image.open(tmp_path / "h.cam.png")  # the map alone, at the model's input size
-    assert bare.format == "PNG" and bare.mode == "RGB" and bare.size == tuple(screener.meta.input_size[::-1])
+    assert bare.format == "PNG" and bare.mode == "RGB" and bare.size == (screener.meta.input_size,) * 2
     again = screener.screen(write_png(tmp_path / "b.png").read_bytes())
     assert again.heatmap_path is None
     bad = screener.screen(b"\x00" * 100)

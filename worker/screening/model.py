@@ -99,8 +99,26 @@ class LoadedModel:
     device: torch.device
 
 
+def resolve_device(requested: str) -> torch.device:
+    """The device to run on: ``requested``, or the CPU (with a log line saying why) when it
+    asks for CUDA and no usable GPU is there. Call it in the process that will use the
+    device (after any fork): the check initialises CUDA."""
+    dev = torch.device(requested)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            log.warning("CXR_DEVICE=%s but no CUDA GPU is usable here (torch %s, CUDA build %s); running on the CPU",
+                        requested, torch.__version__, torch.version.cuda)
+            return torch.device("cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            log.warning("CXR_DEVICE=%s but only %d GPU(s) are visible; running on cuda:0", requested,
+                        torch.cuda.device_count())
+            return torch.device("cuda", 0)
+    return dev
+
+
 def load_bundle(path: Path, *, device: str = "cpu") -> LoadedModel:
-    """Rebuild the network from a bundle and load its weights (strict)."""
+    """Rebuild the network from a bundle and load its weights (strict). On CUDA the model
+    is kept channels_last, the layout its convolutions run fastest in under AMP."""
     meta = read_meta(path)
     model = build_model(meta, pretrained=False)
     state = load_file(str(path))
@@ -108,8 +126,10 @@ def load_bundle(path: Path, *, device: str = "cpu") -> LoadedModel:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
     except RuntimeError as e:
         raise BundleError(f"{path}: weights do not match architecture {meta.architecture!r}: {e}") from e
-    dev = torch.device(device)
+    dev = resolve_device(device)
     model.to(dev).eval()
+    if dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
     sha = file_sha256(path)
     log.info("loaded model bundle %s (%s, version %s, sha256 %s) on %s", path.name, meta.architecture,
              meta.version, sha[:12], dev)

@@ -5,6 +5,7 @@ Shared by ``cxr predict`` and the Celery worker, so both decode, gate and score 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -131,16 +132,26 @@ class Screener:
                                             max_wait_ms=options.max_wait_ms, coming=lambda: self._decoding)
 
     def forward(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(N, C, H, W) -> (logits, conv_head features or None), without gradients."""
+        """(N, C, H, W) -> (logits, conv_head features or None), without gradients.
+
+        On CUDA the input goes channels_last and the pass runs under AMP (bf16 where the GPU
+        has it, else fp16); logits come back as float32. ``no_grad`` rather than
+        ``inference_mode``: the features feed the head-only Grad-CAM, which needs autograd."""
         if self.onnx is not None:
             return self.onnx(x)
         model = self.loaded.model
-        tensor = torch.from_numpy(x).to(self.loaded.device)
-        with torch.no_grad():
+        device = self.loaded.device
+        tensor = torch.from_numpy(x)
+        if device.type == "cuda":
+            tensor = tensor.pin_memory().to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            amp = torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        else:
+            amp = contextlib.nullcontext()
+        with torch.no_grad(), amp:
             if model.splits_at_last_conv:
                 features = model.last_conv(tensor)  # kept for a Grad-CAM without a second pass
-                return model.from_last_conv(features), features
-            return model(tensor), None
+                return model.from_last_conv(features).float(), features.float()
+            return model(tensor).float(), None
 
     def screen(self, data: bytes, *, heatmap_to: Path | None = None,
                on_scored: Callable[[Outcome], None] | None = None) -> Outcome:
