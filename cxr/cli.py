@@ -317,12 +317,39 @@ def iter_inputs(paths: list[Path]) -> list[Path]:
     return files
 
 
+def predict_rows(screener, files: list[Path], *, heatmaps: Path | None = None, workers: int = 1) -> list[dict]:
+    """Screen files in-process, ``workers`` at a time (their forward passes share batches), in
+    the order given. A file that cannot be read becomes a 'rejected' row; nothing raises."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    def one(item: tuple[int, Path]) -> dict:
+        i, f = item
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            return {"path": str(f), "status": "rejected", "reject_code": "unreadable", "predicted_class": None,
+                    "probabilities": None, "flagged": None, "heatmap_path": None,
+                    "error": f"unreadable: the file cannot be read ({e.strerror})"}
+        heat = heatmaps / f"{i:05d}-{f.stem}.jpg" if heatmaps else None
+        out = screener.screen(data, heatmap_to=heat)
+        return {"path": str(f), "status": out.status, "reject_code": out.reject_code,
+                "predicted_class": out.predicted_class, "probabilities": out.probabilities,
+                "flagged": out.flagged, "heatmap_path": out.heatmap_path, "error": out.error}
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(tqdm(pool.map(one, enumerate(files)), total=len(files), desc="screening", unit="file",
+                         disable=len(files) < 5, file=sys.stderr))
+
+
 @app.command()
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Files or folders (searched recursively).")],
     format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.table,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Model bundle (default CXR_CHECKPOINT).")] = None,
-    heatmaps: Annotated[Optional[Path], typer.Option(help="Also write Grad-CAM heatmap PNGs into this folder.")] = None,
+    heatmaps: Annotated[Optional[Path], typer.Option(
+        help="Also write Grad-CAM heatmaps into this folder: NNNNN-name.jpg (overlay) and .cam.png (map alone).")] = None,
 ) -> None:
     """Score files directly, in-process: no database, no broker, no services.
 
@@ -331,7 +358,6 @@ def predict(
     installation lacks a codec), a stable reject_code and a reason; it never stops the run.
     Exits non-zero only when nothing could be scored.
     """
-    from tqdm import tqdm
 
     from cxr.output import render
     from worker.screening.model import load_bundle
@@ -345,20 +371,7 @@ def predict(
     torch.set_num_threads(settings.torch_threads)
     screener = Screener(load_bundle(bundle, device=settings.device), screen_options(settings))
     files = iter_inputs(paths)
-    rows = []
-    for i, f in enumerate(tqdm(files, desc="screening", unit="file", disable=len(files) < 5, file=sys.stderr)):
-        try:
-            data = f.read_bytes()
-        except OSError as e:
-            rows.append({"path": str(f), "status": "rejected", "reject_code": "unreadable", "predicted_class": None,
-                         "probabilities": None, "flagged": None, "heatmap_path": None,
-                         "error": f"unreadable: the file cannot be read ({e.strerror})"})
-            continue
-        heat = heatmaps / f"{i:05d}-{f.stem}.png" if heatmaps else None
-        out = screener.screen(data, heatmap_to=heat)
-        rows.append({"path": str(f), "status": out.status, "reject_code": out.reject_code,
-                     "predicted_class": out.predicted_class, "probabilities": out.probabilities,
-                     "flagged": out.flagged, "heatmap_path": out.heatmap_path, "error": out.error})
+    rows = predict_rows(screener, files, heatmaps=heatmaps, workers=settings.max_batch)
     typer.echo(render(rows, fmt=format.value, columns=(
         "path", "status", "predicted_class", "flagged", "probabilities", "reject_code", "error")))
     typer.echo(DISCLAIMER, err=True)

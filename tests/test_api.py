@@ -263,6 +263,10 @@ def test_predict_times_out_with_the_study_id_and_high_priority_goes_first(api, t
             assert r.status_code == 504, r.text
             urgent = r.json()["detail"]["study_id"]
             assert c.get(f"/studies/{urgent}").json()["status"] == "queued"
+            # One study at a time (no micro-batching), so the order of completion is the order
+            # the broker hands tasks out: high priority first. A batching worker reserves up to
+            # CXR_MAX_BATCH tasks at once, so there priority decides who gets into the next batch.
+            stack.env = {**env, "CXR_MAX_BATCH": "1"}
             stack.start("worker2", "worker")
 
             def finished():

@@ -45,7 +45,9 @@ def test_embedded_stack_screens_dropped_files(tmp_path, tiny_bundle):
             assert abs(sum(r.probabilities.values()) - 1) < 1e-6
             assert r.predicted_class == max(r.probabilities, key=r.probabilities.get)
             assert r.heatmap_path and (home / "heatmaps").joinpath(r.heatmap_path.split("/")[-1]).is_file()
-            assert open(r.heatmap_path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+            assert open(r.heatmap_path, "rb").read(3) == b"\xff\xd8\xff"  # the overlay: a JPEG
+            bare = r.heatmap_path.removesuffix(".jpg") + ".cam.png"  # the map alone: a PNG
+            assert open(bare, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
         assert list(inbox.iterdir()) == []  # taken in, stored once by content
 
         # `cxr predict` runs the same decode/preprocess/infer in-process: identical probabilities.
