@@ -170,6 +170,8 @@ def test_html_worklist_from_the_cli(db, tmp_path):
     reasons = {r["cells"][2]["text"][:-8]: r["cells"][5]["text"] for r in unscored}
     for name, code in reportdb.REJECTED.items():
         assert reasons[name].startswith(f"{code}: ")
+    codes = {r["cells"][2]["text"][:-8]: r["cells"][4]["text"] for r in unscored}
+    assert codes == {**reportdb.REJECTED, **{name: "store_unreadable" for name in reportdb.FAILED}}
     for name in reportdb.FAILED:
         assert reasons[name].startswith("store_unreadable: ")
     for row in unscored:

@@ -35,12 +35,16 @@ def _utc(t: datetime | None) -> datetime | None:
     return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
 
 
-def failure_reason(row: SummaryRow) -> str:
-    """A failed study's reason as a short code: its reject code, or the error's leading ``code:``."""
-    if row.reject_code:
-        return row.reject_code
-    m = _CODE.match(row.error or "")
+def reason_code(reject_code: str | None, error: str | None) -> str:
+    """Why a study was not scored, as a short code: its reject code, or the error's leading ``code:``."""
+    if reject_code:
+        return reject_code
+    m = _CODE.match(error or "")
     return m.group(1) if m else "other"
+
+
+def failure_reason(row: SummaryRow) -> str:
+    return reason_code(row.reject_code, row.error)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from typing import Any
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from cxr import CLASS_NAMES_DEFAULT, DISCLAIMER
+from cxr.reports.summary import reason_code
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +160,13 @@ def _scored_row(rank: int, row: dict[str, Any], classes: Sequence[str], px: int)
 
 def _unscored_row(rank: int, row: dict[str, Any], px: int) -> str:
     reason = _reason(row)
+    code = reason_code(row.get("reject_code"), row.get("error"))
     cells = [
         f'<td class="num" data-v="{rank}">{rank}</td>',
         _thumb_cell(row, px),
         _study_cell(row),
         f'<td data-v="{_e(row.get("status"))}"><span class="status s-{_e(row.get("status"))}">{_e(row.get("status"))}</span></td>',
-        f'<td data-v="{_e((row.get("reject_code") or "").lower())}">{_e(row.get("reject_code") or "-")}</td>',
+        f'<td data-v="{_e(code.lower())}">{_e(code)}</td>',
         f'<td class="reason" data-v="{_e(reason.lower())}">{_e(reason or "-")}</td>',
         _time_cell(row),
     ]
@@ -207,7 +209,8 @@ table.wl th[aria-sort=descending]::after{content:" \\25BC";font-size:10px}
 table.wl td{padding:4px 6px;border-top:1px solid #e6e9ee;vertical-align:middle}
 tr.flagged td:first-child{border-left:4px solid #b3261e}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
-td.thumb img{display:block;width:auto;height:auto;max-width:160px;max-height:160px;border-radius:3px;background:#000}
+td time{white-space:nowrap}
+td.thumb img{display:block;width:auto;height:auto;max-width:120px;max-height:120px;border-radius:3px;background:#000}
 .fn{font-weight:600;word-break:break-all}
 .sid{font-family:ui-monospace,monospace;color:#667;font-size:12px}
 .badge{display:inline-block;padding:1px 6px;border-radius:9px;background:#e3e6ea;font-size:12px}
