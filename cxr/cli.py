@@ -423,8 +423,11 @@ def worklist(
     if out is None:
         typer.echo(text)
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+        except OSError as e:
+            raise fail(f"cannot write the worklist to {out}: {e.strerror or e}")
         typer.echo(f"worklist: {len(rows)} studies written to {out}", err=True)
     typer.echo(DISCLAIMER, err=True)
 
@@ -449,7 +452,10 @@ def report_summary(
     with session_scope(get_settings().database_url) as session:
         rows = repo.summary_rows(session, since=since)
     summary = summarise(rows, since=since)
-    written = write_report(summary, out)
+    try:
+        written = write_report(summary, out)
+    except OSError as e:
+        raise fail(f"cannot write the report into {out}: {e.strerror or e}")
     typer.echo(f"summary of {summary.received} studies over {len(summary.days)} day(s): "
                + ", ".join(str(p) for p in written), err=True)
     typer.echo(DISCLAIMER, err=True)

@@ -376,3 +376,14 @@ def test_the_worklist_html_module_needs_no_torch():
     code = ("import sys, cxr.reports.worklist_html, cxr.reports.summary, cxr.cli; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_unwritable_output_is_a_clear_error(db, tmp_path):
+    env = clean_env(**db.env)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    proc = cxr("report", "summary", "--out", str(blocker), env=env, check=False)
+    assert proc.returncode == 2 and "cannot write the report into" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cxr("worklist", "-f", "html", "--out", str(blocker / "w.html"), env=env, check=False)
+    assert proc.returncode == 2 and "cannot write the worklist to" in proc.stderr and "Traceback" not in proc.stderr
+    assert blocker.read_text() == "in the way"
