@@ -37,6 +37,9 @@ app.add_typer(model_app, name="model")
 apikey_app = typer.Typer(help="API keys stored (hashed) in the database.", no_args_is_help=True,
                          rich_markup_mode="markdown")
 app.add_typer(apikey_app, name="apikey")
+report_app = typer.Typer(help="Reports for people: the summary of screening activity.", no_args_is_help=True,
+                         rich_markup_mode="markdown")
+app.add_typer(report_app, name="report")
 log = logging.getLogger("cxr")
 
 
@@ -453,18 +456,30 @@ WORKLIST_SECTIONS = (
 )
 
 
+class WorklistFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+    html = "html"
+
+
 @app.command()
 def worklist(
-    format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.table,
+    format: Annotated[WorklistFormat, typer.Option("--format", "-f", help="Output format. `html`: one "
+                      "self-contained page with heatmap thumbnails, sorting and filtering.")] = WorklistFormat.table,
     status: Annotated[Optional[str], typer.Option(help="Only this status: queued, processing, done, failed, rejected.")] = None,
     since: Annotated[Optional[datetime], typer.Option(help="Only studies received at or after this ISO time (UTC if no zone).")] = None,
     limit: Annotated[int, typer.Option(help="At most this many rows (0 = all).")] = 100,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write to this file instead of standard output.")] = None,
 ) -> None:
     """Studies from the database for review: flagged and highest-risk first, then pending,
     then failed and rejected ones.
 
     The table shows them in separate sections; CSV and JSON give one list, where
-    `reject_code` and `error` say why a study was not scored."""
+    `reject_code` and `error` say why a study was not scored. `--format html --out
+    worklist.html` writes one self-contained HTML file (no external assets): a heatmap
+    thumbnail and probability bars per study, click a header to sort, filter by text,
+    status or flag; rejected and failed studies in their own section."""
     from cxr.db import repo
     from cxr.db.session import session_scope
     from cxr.output import render, render_sections
@@ -475,14 +490,55 @@ def worklist(
     with session_scope(settings.database_url) as session:
         rows = [repo.study_summary(r.study, r.result)
                 for r in repo.worklist(session, status=status, since=since, limit=limit or None)]
-    if format is not Format.json:
-        typer.echo(render_sections(rows, sections=WORKLIST_SECTIONS) if format is Format.table else
-                   render(rows, fmt="csv", columns=WORKLIST_COLUMNS))
-        typer.echo(DISCLAIMER, err=True)
-        return
-    # JSON: every field of each study, including reject_code, error and metadata.
-    typer.echo(render(rows, fmt=format.value, columns=(
-        "study_id", "filename", "status", "flagged", "predicted_class", "risk", "probabilities", "error")))
+    if format is WorklistFormat.html:
+        from cxr.reports.worklist_html import render_worklist_html
+
+        text = render_worklist_html(rows, limit=limit or None)
+    elif format is WorklistFormat.json:
+        # JSON: every field of each study, including reject_code, error and metadata.
+        text = render(rows, fmt="json", columns=())
+    elif format is WorklistFormat.table:
+        text = render_sections(rows, sections=WORKLIST_SECTIONS)
+    else:
+        text = render(rows, fmt="csv", columns=WORKLIST_COLUMNS)
+    if out is None:
+        typer.echo(text)
+    else:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+        except OSError as e:
+            raise fail(f"cannot write the worklist to {out}: {e.strerror or e}")
+        typer.echo(f"worklist: {len(rows)} studies written to {out}", err=True)
+    typer.echo(DISCLAIMER, err=True)
+
+
+@report_app.command("summary")
+def report_summary(
+    since: Annotated[Optional[datetime], typer.Option(help="Only studies received at or after this ISO time (UTC if no zone). Default: all.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for summary.md and the PNG plots.")] = Path("summary"),
+) -> None:
+    """Summary report of the database: per day, studies by predicted class, flagged,
+    rejected (by code) and failed (by reason); throughput; model versions in use.
+
+    Writes `summary.md` and PNG plots into --out: daily volume stacked by class
+    (`daily_volume.png`), flag rate over time (`flag_rate.png`) and score histograms per
+    class (`score_histograms.png`)."""
+    from cxr.db import repo
+    from cxr.db.session import session_scope
+    from cxr.reports.summary import summarise, write_report
+
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=timezone.utc)
+    with session_scope(get_settings().database_url) as session:
+        rows = repo.summary_rows(session, since=since)
+    summary = summarise(rows, since=since)
+    try:
+        written = write_report(summary, out)
+    except OSError as e:
+        raise fail(f"cannot write the report into {out}: {e.strerror or e}")
+    typer.echo(f"summary of {summary.received} studies over {len(summary.days)} day(s): "
+               + ", ".join(str(p) for p in written), err=True)
     typer.echo(DISCLAIMER, err=True)
 
 

@@ -520,3 +520,41 @@ def claim_complete_callbacks(session: Session, *, study_id: uuid.UUID | None = N
 
 def finish_callback(session: Session, *, job_id: uuid.UUID, state: str) -> None:
     session.execute(update(Job).where(Job.id == job_id).values(callback_state=state, callback_at=utcnow()))
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """What the summary report needs of one study and its newest result (None: not scored)."""
+
+    created_at: datetime
+    finished_at: datetime | None
+    status: str
+    reject_code: str | None
+    error: str | None
+    predicted_class: str | None
+    flagged: bool | None
+    risk: float | None
+    probabilities: dict[str, float] | None
+    model_version: str | None
+    architecture: str | None
+    result_at: datetime | None
+
+
+def summary_rows(session: Session, *, since: datetime | None = None,
+                 until: datetime | None = None) -> list[SummaryRow]:
+    """Every study received in [since, until) with its newest result, oldest first (columns only)."""
+    latest = select(Result.study_id, func.max(Result.id).label("rid")).group_by(Result.study_id).subquery()
+    stmt = (
+        select(Study.created_at, Study.finished_at, Study.status, Study.reject_code, Study.error,
+               Result.predicted_class, Result.flagged, Result.risk, Result.probabilities, ModelVersion.version,
+               ModelVersion.architecture, Result.created_at)
+        .outerjoin(latest, latest.c.study_id == Study.id)
+        .outerjoin(Result, Result.id == latest.c.rid)
+        .outerjoin(ModelVersion, ModelVersion.id == Result.model_version_id)
+    )
+    if since is not None:
+        stmt = stmt.where(Study.created_at >= since)
+    if until is not None:
+        stmt = stmt.where(Study.created_at < until)
+    stmt = stmt.order_by(Study.created_at, Study.id)
+    return [SummaryRow(*row) for row in session.execute(stmt).all()]
