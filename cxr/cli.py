@@ -114,6 +114,10 @@ def worker(
     require_bundle()
     settings = get_settings()
     settings.ensure_dirs()
+    if settings.worker_metrics_port is not None:  # before the tasks module, and before any fork
+        from cxr.metrics import start_worker_exporter
+
+        start_worker_exporter(settings)
     from worker.tasks import app as celery_app
 
     if settings.max_batch > 1:
