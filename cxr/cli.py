@@ -117,7 +117,11 @@ def worker(
     if settings.worker_metrics_port is not None:  # before the tasks module, and before any fork
         from cxr.metrics import start_worker_exporter
 
-        start_worker_exporter(settings)
+        try:
+            start_worker_exporter(settings)
+        except OSError as e:
+            raise fail(f"cannot serve worker metrics on {settings.worker_metrics_host}:{settings.worker_metrics_port} "
+                       f"({e.strerror}): give each worker on a host its own CXR_WORKER_METRICS_PORT") from e
     from worker.tasks import app as celery_app
 
     if settings.max_batch > 1:

@@ -19,8 +19,6 @@ from tests.badfiles import bad_files
 from tests.imagegen import write_dicom, write_png
 from tests.stack import Stack, clean_env, cxr, free_port, wait_until
 
-pytestmark = pytest.mark.distributed
-
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
     """{(sample name, sorted labels): value} of a /metrics page."""
@@ -49,6 +47,7 @@ def post_job(api: str, files: list[tuple[str, bytes]], **headers) -> dict:
     return r.json()
 
 
+@pytest.mark.distributed
 def test_distributed_metrics_match_the_database(tmp_path, tiny_bundle, postgres_url, redis_url):
     import redis
 
@@ -133,3 +132,18 @@ def test_embedded_metrics_count_the_filesystem_queue_and_need_no_key(tmp_path, t
         assert value(m, "cxr_up", part="model") == 1
     finally:
         stack.stop()
+
+
+def test_a_taken_metrics_port_stops_the_worker_with_a_clear_error(tmp_path, tiny_bundle):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = clean_env(CXR_HOME=str(tmp_path / "var"), CXR_CHECKPOINT=str(tiny_bundle),
+                        CXR_WORKER_METRICS_PORT=str(port))
+        out = cxr("worker", env=env, check=False, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"cannot serve worker metrics on 127.0.0.1:{port}" in out.stderr
+    assert "its own CXR_WORKER_METRICS_PORT" in out.stderr and "Traceback" not in out.stderr
