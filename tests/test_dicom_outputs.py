@@ -28,7 +28,7 @@ from cxr.db.models import Result, Study
 from cxr.db.session import session_scope
 from cxr.settings import Settings
 from tests.conftest import IN_CI
-from tests.imagegen import write_png
+from tests.imagegen import write_dicom, write_png
 from tests.stack import Stack, clean_env, cxr, wait_until
 from worker.dicom_out import LABEL
 
@@ -238,3 +238,39 @@ def test_an_unwritable_outbox_is_logged_and_the_result_stands(tmp_path, embedded
     assert f"study {sid}: DICOM outputs not written" in record.getMessage()
     assert "FileExistsError" in record.getMessage() or "NotADirectoryError" in record.getMessage()
     assert "RG1" not in record.getMessage() and "CompressedSamples" not in record.getMessage()  # no patient data
+
+
+def test_a_minimal_source_and_a_custom_class_still_give_valid_outputs(tmp_path):
+    """A generated CR with no PatientOrientation, StudyDate or accession, and a bundle with a
+    class SNOMED has no code for here: local codes, an empty orientation, still no errors."""
+    from worker.dicom_out import Findings, build_sc, build_sr
+
+    source = pydicom.dcmread(write_dicom(tmp_path / "src.dcm", seed=5), stop_before_pixels=True)
+    assert "PatientOrientation" not in source
+    findings = Findings(probabilities={"Normal": 0.1, "Nodule": 0.9}, predicted_class="Nodule", risk=0.9,
+                        flagged=True, model_name="resnet18", model_version="custom-1", thresholds={"Nodule": 0.5})
+    sr_path, sc_path = tmp_path / "out.SR.dcm", tmp_path / "out.SC.dcm"
+    build_sr(source, findings).save_as(sr_path, enforce_file_format=True)
+    overlay = np.zeros((64, 80, 3), np.uint8)
+    overlay[..., 0] = np.arange(80, dtype=np.uint8)
+    build_sc(source, overlay).save_as(sc_path, enforce_file_format=True)
+    items = content_items(pydicom.dcmread(sr_path))
+    finding = named(items, "Finding").ConceptCodeSequence[0]
+    assert (finding.CodeMeaning, finding.CodingSchemeDesignator) == ("Nodule", LOCAL)
+    assert float(named(items, "Operating point threshold for Nodule").MeasuredValueSequence[0].NumericValue) == 0.5
+    sc = pydicom.dcmread(sc_path)
+    assert sc.PatientOrientation == "" and sc.StudyInstanceUID == source.StudyInstanceUID
+    assert np.array_equal(sc.pixel_array[-64:], overlay)
+    assert dciodvfy(sr_path) == []
+    assert dciodvfy(sc_path) == []
+
+
+def test_a_source_without_uids_is_refused_clearly(tmp_path):
+    from worker.dicom_out import DicomOutputError, Findings, build_sr
+
+    source = pydicom.dcmread(write_dicom(tmp_path / "src.dcm"), stop_before_pixels=True)
+    del source.StudyInstanceUID
+    findings = Findings(probabilities={"Normal": 1.0}, predicted_class="Normal", risk=0.0, flagged=False,
+                        model_name="m", model_version="v")
+    with pytest.raises(DicomOutputError, match="the source header has no StudyInstanceUID"):
+        build_sr(source, findings)

@@ -106,15 +106,29 @@ def _quiet_names():
         yield
 
 
-def _require_uids(source: Dataset) -> None:
-    missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID") if not source.get(k)]
+# Patient and study attributes the outputs copy from the source. They are type 2 (present,
+# maybe empty) in the source's IOD and in ours; a source that omits one gets it empty here.
+TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _source_header(source: Dataset) -> Dataset:
+    """A copy of the source header fit to copy from: its UIDs checked, type 2 attributes present."""
+    missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+               if not source.get(k)]
     if missing:
         raise DicomOutputError(f"the source header has no {', '.join(missing)}")
+    header = Dataset()
+    header.update({elem.tag: elem for elem in source if elem.tag != 0x7FE00010})  # never the pixels
+    for keyword in TYPE2_COPIED:
+        if keyword not in header:
+            setattr(header, keyword, "")
+    return header
 
 
 def build_sr(source: Dataset, findings: Findings) -> hd.sr.ComprehensiveSR:
     """The Structured Report for one source image (its header is enough)."""
-    _require_uids(source)
+    source = _source_header(source)
     classes = list(findings.probabilities)
     results = [hd.sr.CodeContentItem(name=FINDING, value=finding_code(findings.predicted_class,
                                                                       classes.index(findings.predicted_class)),
@@ -173,7 +187,7 @@ def burn_in_label(overlay: np.ndarray, text: str = LABEL) -> np.ndarray:
 
 def build_sc(source: Dataset, overlay: np.ndarray) -> hd.sc.SCImage:
     """The overlay (H, W, 3 uint8 RGB) as a Secondary Capture in the source's study, new series."""
-    _require_uids(source)
+    source = _source_header(source)
     if overlay.ndim != 3 or overlay.shape[2] != 3 or overlay.dtype != np.uint8:
         raise DicomOutputError(f"the overlay must be an RGB uint8 image, not {overlay.dtype} {overlay.shape}")
     orientation = tuple(source.get("PatientOrientation") or ())
