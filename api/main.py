@@ -33,6 +33,7 @@ from cxr.bundle import BundleError, file_sha256, read_meta
 from cxr.db import repo
 from cxr.db.models import StudyStatus
 from cxr.intake import Intaken, register
+from cxr.metrics import api_metrics
 from cxr.queue import PRIORITY_BATCH, PRIORITY_HIGH, fire_callbacks
 from cxr.registry import resolve_bundle
 from cxr.settings import Settings, get_settings
@@ -430,6 +431,14 @@ def health(settings: SettingsDep, session: SessionDep, celery: CeleryDep) -> JSO
             extra["model_error"] = str(e)
     return JSONResponse({"status": "ok" if ok else "degraded", **checks, **extra, "version": __version__},
                         status_code=200 if ok else 503)
+
+
+@app.get("/metrics", include_in_schema=False)
+def metrics(settings: SettingsDep) -> Response:
+    """Prometheus metrics (cxr.metrics): studies by status, rejections by reason, queue depth,
+    the active model. Like /health, never needs an API key: counts only, no study data."""
+    body, content_type = api_metrics(settings)
+    return Response(body, media_type=content_type)
 
 
 @app.get("/model/info", dependencies=Protected, responses=errors(503))

@@ -151,9 +151,12 @@ def _run_gpu_workers(spec: str) -> None:
         devices = gpu_children(spec, torch.cuda.device_count())
     except ValueError as e:
         raise fail(str(e)) from None
+    settings = get_settings()
     procs = {}
-    for dev in devices:
+    for n, dev in enumerate(devices):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": dev, "CXR_DEVICE": "cuda"}
+        if settings.worker_metrics_port is not None:  # one exporter per process: consecutive ports
+            env["CXR_WORKER_METRICS_PORT"] = str(settings.worker_metrics_port + n)
         procs[dev] = subprocess.Popen([sys.executable, "-m", "cxr", "worker"], env=env, start_new_session=True)
         log.info("started a worker on GPU %s (pid %d)", dev, procs[dev].pid)
     _supervise(procs, _stop_on_signals())
@@ -182,6 +185,14 @@ def worker(
     if gpus is not None:
         _run_gpu_workers(gpus)
         return
+    if settings.worker_metrics_port is not None:  # before the tasks module, and before any fork
+        from cxr.metrics import start_worker_exporter
+
+        try:
+            start_worker_exporter(settings)
+        except OSError as e:
+            raise fail(f"cannot serve worker metrics on {settings.worker_metrics_host}:{settings.worker_metrics_port} "
+                       f"({e.strerror}): give each worker on a host its own CXR_WORKER_METRICS_PORT") from e
     from worker.tasks import app as celery_app
 
     if concurrency > 1:

@@ -82,6 +82,14 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed by CORS (comma-separated). Empty: CORS is off.")
 
+    # Outputs for PACS and monitoring.
+    dicom_outbox: Path | None = Field(
+        None, description="Folder that receives a DICOM SR and a heatmap Secondary Capture for each screened "
+        "DICOM study. Unset: none are written.")
+    worker_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Port of the worker's Prometheus exporter (/metrics). Unset: no exporter.")
+    worker_metrics_host: str = Field("127.0.0.1", description="Bind address of the worker's Prometheus exporter.")
+
     # Quality gate: each rule can be turned off. `unreadable` and `not_an_image` cannot.
     gate_not_radiograph: bool = Field(True, description="Reject DICOM whose Modality is present and not CR, DX or DR.")
     gate_not_chest: bool = Field(True, description="Reject DICOM whose BodyPartExamined is present and not a chest.")
@@ -134,6 +142,8 @@ class Settings(BaseSettings):
             self.broker_url = "filesystem://"
         if self.checkpoint is not None:
             self.checkpoint = self.checkpoint.expanduser().resolve()
+        if self.dicom_outbox is not None:
+            self.dicom_outbox = self.dicom_outbox.expanduser().resolve()
         on_cuda = self.device.startswith("cuda")
         if self.engine == "auto":
             self.engine = "torch" if on_cuda else "onnx"
@@ -153,6 +163,11 @@ class Settings(BaseSettings):
     @property
     def broker_dir(self) -> Path:
         return self.home / "broker"
+
+    @property
+    def metrics_dir(self) -> Path:
+        """Where worker processes keep their Prometheus multiprocess files (one folder per worker)."""
+        return self.home / "metrics"
 
     @property
     def pseudonym_key_file(self) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from functools import lru_cache
 from pathlib import Path
@@ -15,6 +16,7 @@ from cxr.bundle import NO_BUNDLE_HELP, BundleError
 from cxr.db import repo
 from cxr.db.models import StudyStatus
 from cxr.db.session import session_scope
+from cxr.metrics import record_screening
 from cxr.registry import resolve_bundle
 from cxr.settings import Settings
 
@@ -98,6 +100,7 @@ def process_study(settings: Settings, study_id: uuid.UUID) -> str:
     """
     screener = get_screener(settings)
     loaded = screener.loaded
+    started = time.perf_counter()  # the screening latency metric: from here to the stored result
     mv_id = _model_version_id(
         settings.database_url, loaded.sha256, loaded.meta.architecture, tuple(loaded.meta.classes), loaded.meta.version
     )
@@ -157,6 +160,11 @@ def process_study(settings: Settings, study_id: uuid.UUID) -> str:
         log.info("study %s done: %s %s", study_id, outcome.predicted_class, outcome.timings_ms)
     else:
         log.warning("study %s %s: %s", study_id, outcome.status, outcome.error)
+    record_screening(outcome, seconds=time.perf_counter() - started, model_version=loaded.meta.version)
+    if settings.dicom_outbox is not None:  # SR + heatmap SC for DICOM studies; a failure is logged, not raised
+        from worker.dicom_out import write_for_study
+        write_for_study(settings.dicom_outbox, study_id=study_id, outcome=outcome, meta=loaded.meta,
+                        source_path=stored_path)
     return outcome.status
 
 
