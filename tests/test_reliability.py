@@ -79,7 +79,7 @@ def assert_exactly_once(db_url: str, n_done: int) -> None:
 def history(db_url: str, study_id) -> list[StudyEvent]:
     with session_scope(db_url) as s:
         return list(s.scalars(select(StudyEvent).where(StudyEvent.study_id == study_id)
-                              .order_by(StudyEvent.at, StudyEvent.id)))
+                              .order_by(StudyEvent.id)))
 
 
 def base_env(tmp_path: Path, tiny_bundle: Path, **extra: str) -> dict[str, str]:
@@ -355,3 +355,81 @@ def test_soak_1000_files_with_a_corrupt_one_every_50th(tmp_path, tiny_bundle, po
                              .where(Study.status == "rejected")).all()
     assert sorted(r.filename for r in rejected) == [f"film{i:05d}.png" for i in range(50, 1001, 50)]
     assert all(r.reject_code == "unreadable" and r.error and r.error.startswith("unreadable:") for r in rejected)
+
+
+# Graceful shutdown ------------------------------------------------------------------------------
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_sigterm_lets_the_worker_finish_and_ack_its_batch(tmp_path, tiny_bundle, postgres_url, redis_url):
+    """SIGTERM while a worker holds a batch of 10 (threads pool, all claimed): Celery's warm
+    shutdown finishes those 10, acknowledges them and exits 0; the other 15 stay queued in
+    Redis, none half-done, and a new worker screens them."""
+    import redis
+
+    env = base_env(tmp_path, tiny_bundle, CXR_DATABASE_URL=postgres_url, CXR_BROKER_URL=redis_url,
+                   CXR_MAX_BATCH="10", CXR_MAX_WAIT_MS="3000")
+    cxr("db", "upgrade", env=env)
+    stack = new_stack(tmp_path, env)
+    first = stack.start("worker1", "worker")
+    try:
+        wait_ready(stack, "worker1")
+        from cxr.intake import register
+        from cxr.queue import make_celery
+        from cxr.settings import Settings
+        from cxr.store import put_file
+
+        settings = Settings(home=tmp_path / "var", database_url=postgres_url, broker_url=redis_url,
+                            queue=env["CXR_QUEUE"])
+        celery = make_celery(settings)
+        for f in films(tmp_path / "films", 25):
+            register(settings, celery, stored=put_file(settings.store_dir, f), filename=f.name, source="api")
+        wait_until(lambda: status_counts(postgres_url).get("processing", 0) == 10, timeout=60, interval=0.05,
+                   describe=stack.logs)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=90) == 0, stack.logs()
+        del stack.procs["worker1"]
+        assert status_counts(postgres_url) == {"done": 10, "queued": 15}
+        unacked = [json.loads(v) for v in redis.Redis.from_url(redis_url).hvals("unacked")]
+        assert not [m for m in unacked if m[-1] == env["CXR_QUEUE"]]  # nothing of ours left unacknowledged
+
+        stack.start("worker2", "worker")
+        wait_all_finished(postgres_url, 25, stack, timeout=120)
+        assert status_counts(postgres_url) == {"done": 25}
+        assert_exactly_once(postgres_url, 25)
+    finally:
+        stack.stop()
+
+
+@pytest.mark.timeout(300)
+def test_sigint_stops_cxr_up_cleanly_and_it_resumes(tmp_path, tiny_bundle):
+    """Ctrl-C (SIGINT) to `cxr up`: its worker, watcher and API stop cleanly (warm shutdown:
+    the study in hand is finished), `cxr up` exits 0, no study is left `processing`; started
+    again, it screens the rest, each once."""
+    from tests.stack import free_port
+
+    env = base_env(tmp_path, tiny_bundle)
+    db_url = f"sqlite:///{tmp_path / 'var' / 'cxr.db'}"
+    stack = new_stack(tmp_path, env)
+    port = free_port()
+    up = stack.start("up", "up", "--port", str(port))
+    try:
+        stack.wait_http(f"http://127.0.0.1:{port}/health")
+        drop(films(tmp_path / "films", 12), tmp_path / "inbox")
+        wait_until(lambda: status_counts(db_url).get("done", 0) >= 1, timeout=120, interval=0.1,
+                   describe=stack.logs)
+        children = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
+                    if p.read_text().rsplit(")", 1)[1].split()[1] == str(up.pid)]
+        assert len(children) == 3
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=90) == 0, stack.logs()
+        del stack.procs["up"]
+        assert all(not Path(f"/proc/{c}").exists() for c in children)
+        assert "processing" not in status_counts(db_url)
+
+        stack.start("up2", "up", "--port", str(port))
+        wait_all_finished(db_url, 12, stack, timeout=180)
+        assert status_counts(db_url) == {"done": 12}
+        assert_exactly_once(db_url, 12)
+    finally:
+        stack.stop()

@@ -50,7 +50,7 @@ def record_event(session: Session, *, study_id: uuid.UUID, status: str, actor: s
 def study_events(session: Session, *, study_id: uuid.UUID) -> list[StudyEvent]:
     """A study's status changes, oldest first."""
     return list(session.scalars(select(StudyEvent).where(StudyEvent.study_id == study_id)
-                                .order_by(StudyEvent.at, StudyEvent.id)))
+                                .order_by(StudyEvent.id)))
 
 
 def create_job(session: Session, *, source: str, callback_url: str | None = None) -> Job:
@@ -246,6 +246,7 @@ def claim_study(session: Session, *, study_id: uuid.UUID, worker: str | None = N
         ))
         .values(status=StudyStatus.processing.value, started_at=now, updated_at=now, worker_id=worker,
                 lease_expires_at=expires)
+        .execution_options(synchronize_session="fetch")  # no Python-side datetime comparison (SQLite is naive)
     )
     if res.rowcount != 1:
         return False
@@ -260,6 +261,7 @@ def renew_leases(session: Session, *, worker: str, lease_seconds: float) -> int:
         update(Study)
         .where(Study.worker_id == worker, Study.status == StudyStatus.processing.value)
         .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session="fetch")
     )
     return res.rowcount
 
@@ -293,6 +295,7 @@ def reap_expired(session: Session, *, now: datetime | None = None, actor: str | 
             .where(Study.id == sid, Study.status == StudyStatus.processing.value, Study.lease_expires_at == expires)
             .values(status=StudyStatus.queued.value, worker_id=None, lease_expires_at=None, started_at=None,
                     updated_at=now)
+            .execution_options(synchronize_session="fetch")
         )
         if res.rowcount == 1:
             reason = f"lease of worker {worker} expired at {expires.isoformat(timespec='seconds')}; re-queued"
@@ -307,7 +310,8 @@ def reap_expired(session: Session, *, now: datetime | None = None, actor: str | 
         ).all()
         for sid, updated in stale:
             res = session.execute(update(Study).where(Study.id == sid, Study.status == StudyStatus.queued.value,
-                                                      Study.updated_at == updated).values(updated_at=now))
+                                                      Study.updated_at == updated).values(updated_at=now)
+                                  .execution_options(synchronize_session="fetch"))
             if res.rowcount == 1:
                 reason = (f"queued since {updated.isoformat(timespec='seconds')} with no task waiting in the "
                           "broker queue; task published again")
