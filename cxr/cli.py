@@ -40,6 +40,9 @@ app.add_typer(apikey_app, name="apikey")
 report_app = typer.Typer(help="Reports for people: the summary of screening activity.", no_args_is_help=True,
                          rich_markup_mode="markdown")
 app.add_typer(report_app, name="report")
+
+study_app = typer.Typer(help="One study and its history.", no_args_is_help=True, rich_markup_mode="markdown")
+app.add_typer(study_app, name="study")
 log = logging.getLogger("cxr")
 
 
@@ -633,6 +636,72 @@ def apikey_list(
                  "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None}
                 for k in repo.list_api_keys(session)]
     typer.echo(render(rows, fmt=format.value, columns=("id", "name", "prefix", "created_at", "revoked_at")))
+
+
+@study_app.command("show")
+def study_show(
+    study_id: Annotated[str, typer.Argument(help="The study id (a UUID).")],
+    format: Annotated[Format, typer.Option("--format", "-f", help="Output format: table or json.")] = Format.table,
+) -> None:
+    """A study, its result and its history: every status change with its time and actor
+    (watcher, api, worker or reaper, with host:pid) and why."""
+    import json
+    import uuid
+
+    from cxr.db import repo
+    from cxr.db.session import session_scope
+    from cxr.output import render
+
+    try:
+        sid = uuid.UUID(study_id)
+    except ValueError:
+        raise fail(f"not a study id: {study_id!r} (expected a UUID, as `cxr worklist` prints)")
+    with session_scope(get_settings().database_url) as session:
+        study = repo.get_study(session, study_id=sid)
+        if study is None:
+            raise fail(f"no study {sid}", code=1)
+        summary = repo.study_summary(study, repo.latest_result(study))
+        summary["worker_id"] = study.worker_id
+        summary["lease_expires_at"] = study.lease_expires_at.isoformat() if study.lease_expires_at else None
+        history = [{"at": e.at.isoformat(), "status": e.status, "actor": e.actor, "detail": e.detail}
+                   for e in repo.study_events(session, study_id=sid)]
+    if format is Format.json:
+        typer.echo(json.dumps({**summary, "history": history}, indent=2, default=str))
+    else:
+        fields = ("study_id", "filename", "source", "status", "predicted_class", "risk", "flagged", "reject_code",
+                  "error", "model_version", "worker_id", "lease_expires_at", "created_at", "finished_at")
+        width = max(map(len, fields))
+        typer.echo("\n".join(f"{k.ljust(width)}  {'' if summary.get(k) is None else summary[k]}" for k in fields))
+        typer.echo("\nHistory")
+        typer.echo(render(history, fmt="csv" if format is Format.csv else "table",
+                          columns=("at", "status", "actor", "detail")))
+    typer.echo(DISCLAIMER, err=True)
+
+
+@app.command()
+def reap(
+    loop: Annotated[bool, typer.Option("--loop", help="Keep running, one pass every CXR_REAP_INTERVAL_SECONDS.")] = False,
+) -> None:
+    """Re-queue abandoned studies and publish their tasks again.
+
+    A study in `processing` whose lease expired (its worker died, or lost the database for
+    longer than CXR_LEASE_SECONDS) goes back to `queued`. A study `queued` for longer than
+    CXR_REQUEUE_QUEUED_AFTER_SECONDS while the broker queue is empty lost its task (a broker
+    restarted without persistence) and gets it again. Publishing twice is harmless: a study
+    that is done, or held by a live worker, is not screened again.
+
+    The watcher (and so `cxr up`) already runs this every CXR_REAP_INTERVAL_SECONDS; run it
+    by hand, or from cron, where no watcher runs."""
+    from cxr.queue import get_celery
+    from cxr.reaper import reap as reap_once
+
+    settings = get_settings()
+    stop = _stop_on_signals() if loop else None
+    while True:
+        requeued = reap_once(settings, get_celery())
+        typer.echo(f"re-queued {len(requeued)} studies", err=True)
+        if stop is None or stop.wait(settings.reap_interval_seconds):
+            break
 
 
 def _register_trainer() -> None:

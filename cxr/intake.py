@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import uuid
 from dataclasses import dataclass
 
@@ -35,6 +36,21 @@ class Intaken:
     status: str
     created: bool
     duplicate: str | None = None  # "same_bytes" | "same_sop_instance" when an existing study was found
+
+
+class DiskFullError(OSError):
+    """The store's disk is below CXR_MIN_FREE_MB: intake waits, files stay where they are."""
+
+
+def check_free_space(settings: Settings, incoming_bytes: int = 0) -> None:
+    """Refuse intake while the disk holding the store has less than ``min_free_mb`` free
+    (after this file). Nothing already accepted is touched."""
+    settings.store_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(settings.store_dir).free
+    if free - incoming_bytes < settings.min_free_mb * 1024 * 1024:
+        raise DiskFullError(
+            f"disk full: {free / 1048576:.1f} MB free under {settings.store_dir}, below CXR_MIN_FREE_MB="
+            f"{settings.min_free_mb:g}; intake is paused and new files wait (nothing accepted is lost)")
 
 
 def filename_problem(name: str | None) -> str | None:

@@ -46,8 +46,10 @@ def make_celery(settings: Settings) -> Celery:
             "polling_interval": settings.broker_poll_seconds,
         }
     elif settings.broker_url.startswith(("redis://", "rediss://")):
-        # Redelivery after a lost worker happens after this; keep it well above a batch.
-        conf["broker_transport_options"] = {"visibility_timeout": 3600}
+        # Redis redelivers a task nobody acknowledged after visibility_timeout (CXR_VISIBILITY_TIMEOUT_SECONDS,
+        # default 2 h): keep it well above the longest batch. A dead worker's studies do not wait for it:
+        # their leases expire and the reaper re-queues them (README, "What happens when…").
+        conf["broker_transport_options"] = {"visibility_timeout": settings.visibility_timeout_seconds}
     app.conf.update(conf)
     return app
 
@@ -60,6 +62,19 @@ def get_celery() -> Celery:
 def enqueue_study(app: Celery, study_id: str, *, priority: int = PRIORITY_BATCH) -> None:
     app.send_task(SCREEN_TASK, args=[study_id], priority=priority)
 
+
+def queue_depth(app: Celery, queue: str) -> int:
+    """Tasks waiting in the broker queue (not counting those a worker has already taken).
+    A queue the broker does not know (a Redis restarted empty) holds nothing: 0."""
+    from kombu.exceptions import ChannelError
+
+    with app.connection_for_write() as conn:
+        try:
+            return conn.default_channel.queue_declare(queue=queue, passive=True).message_count
+        except ChannelError as e:
+            if str(getattr(e, "reply_code", "")) == "404":
+                return 0
+            raise
 
 
 def fire_callbacks(app: Celery, database_url: str, *, study_id=None, job_id=None) -> None:

@@ -108,6 +108,23 @@ class Settings(BaseSettings):
         (0.5, 99.5), description="Percentiles of the robust min-max used when no sensible window exists."
     )
 
+    # Reliability: leases, the reaper, the broker's redelivery, intake on a full disk (README "What happens when…").
+    lease_seconds: float = Field(
+        120.0, gt=0, description="A worker's lease on a study in `processing`; renewed every third of it while it "
+        "works. Once expired (the worker died or lost the database), the reaper re-queues the study.")
+    reap_interval_seconds: float = Field(15.0, gt=0, description="How often the watcher runs the reaper.")
+    requeue_queued_after_seconds: float = Field(
+        600.0, gt=0, description="A study `queued` this long while the broker queue is empty has lost its message "
+        "(a broker restarted without persistence): the reaper publishes its task again.")
+    visibility_timeout_seconds: int = Field(
+        7200, gt=0, description="Redis broker: an unacknowledged task is redelivered after this. Keep it well above "
+        "the longest batch (a redelivery of a finished study is a no-op, but costs a lookup).")
+    min_free_mb: float = Field(
+        200.0, ge=0, description="The watcher takes in no file while the store's disk has less free space than "
+        "this (MB); files wait in the inbox.")
+    watch_archive: Path | None = Field(
+        None, description="Move each file taken in from the inbox here (dated sub-folders) instead of deleting it.")
+
     # Pseudonymised patient key: HMAC-SHA256 of PatientID with this secret.
     pseudonym_key: SecretStr | None = Field(
         None, description="Secret for the patient key. Default: generated once into $CXR_HOME/pseudonym.key (0600)."
@@ -142,6 +159,8 @@ class Settings(BaseSettings):
             self.broker_url = "filesystem://"
         if self.checkpoint is not None:
             self.checkpoint = self.checkpoint.expanduser().resolve()
+        if self.watch_archive is not None:
+            self.watch_archive = self.watch_archive.expanduser().resolve()
         if self.dicom_outbox is not None:
             self.dicom_outbox = self.dicom_outbox.expanduser().resolve()
         on_cuda = self.device.startswith("cuda")

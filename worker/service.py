@@ -19,6 +19,7 @@ from cxr.db.session import session_scope
 from cxr.metrics import record_screening
 from cxr.registry import resolve_bundle
 from cxr.settings import Settings
+from worker.leases import ensure_lease_keeper
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,10 @@ def process_study(settings: Settings, study_id: uuid.UUID) -> str:
     """Screen a study once. Idempotent: a study already done for this model is left alone.
 
     Returns what happened: 'done', 'rejected', 'failed', 'already-done', 'not-claimable' or 'missing'.
+    The study is claimed with a lease (this process, renewed in the background while it
+    works); every status change is written to the audit trail as ``worker@host:pid``.
     """
+    worker = ensure_lease_keeper(settings)
     screener = get_screener(settings)
     loaded = screener.loaded
     started = time.perf_counter()  # the screening latency metric: from here to the stored result
@@ -113,7 +117,7 @@ def process_study(settings: Settings, study_id: uuid.UUID) -> str:
             if study.status != StudyStatus.done.value:
                 repo.mark_study(session, study_id=study_id, status=StudyStatus.done, error=None)
             return "already-done"
-        if not repo.claim_study(session, study_id=study_id):
+        if not repo.claim_study(session, study_id=study_id, worker=worker, lease_seconds=settings.lease_seconds):
             log.info("study %s is %s; not screening it again", study_id, study.status)
             return "not-claimable"
         stored_path = Path(study.stored_path)

@@ -8,6 +8,7 @@ import uuid
 from celery.signals import worker_process_init, worker_ready
 
 import httpx
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from cxr.db import repo
 from cxr.db.models import Job
@@ -20,13 +21,29 @@ log = logging.getLogger(__name__)
 app = get_celery()
 
 
-@app.task(name=SCREEN_TASK, acks_late=True, ignore_result=True)
-def screen_study(study_id: str) -> str:
+def database_unreachable(e: BaseException) -> bool:
+    """The database is down or the connection was lost (not a bad query or a bad file)."""
+    return isinstance(e, OperationalError) or (isinstance(e, DBAPIError) and e.connection_invalidated)
+
+
+@app.task(name=SCREEN_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
+def screen_study(self, study_id: str) -> str:
+    """Screen one study. Redelivery is safe: a study already done for the active model is
+    left alone, and one another live worker holds is not taken (see repo.claim_study).
+
+    With the database unreachable the task is retried with doubling delays (up to a minute)
+    until it comes back; the worker's connection pool reconnects by itself."""
     settings = get_settings()
     sid = uuid.UUID(study_id)
     try:
         outcome = process_study(settings, sid)
-    except Exception as e:  # recorded on the study and logged with its traceback, then re-raised
+    except Exception as e:
+        if database_unreachable(e):
+            delay = min(60.0, 2.0 ** min(self.request.retries, 6))
+            log.warning("study %s: the database is unreachable (%s); retry %d in %.0f s", study_id,
+                        type(e).__name__, self.request.retries + 1, delay)
+            raise self.retry(countdown=delay, exc=e)
+        # Recorded on the study and logged with its traceback, then re-raised.
         log.exception("study %s: unexpected error", study_id)
         fail_study(settings, sid, f"internal_error: {type(e).__name__}: {e}")
         fire_callbacks(app, settings.database_url, study_id=sid)

@@ -4,23 +4,34 @@ watchdog reports new and changed files; a file is taken in only once its size an
 modification time have stayed the same for ``watch_settle_seconds`` (so a copy still in
 progress is never read half-written). Temporary names are skipped. A periodic rescan
 catches events a network filesystem may not deliver, and files already in the inbox at
-start-up are taken in too. The source file is removed only after the stored copy is
-durable and the study row is committed.
+start-up are taken in too (catch-up after downtime).
+
+After intake a file leaves the inbox: it is deleted, or moved into ``CXR_WATCH_ARCHIVE``
+when set, only after the stored copy is durable and the study row is committed. So a
+restart never skips a file (anything still in the inbox is taken in) and never screens one
+twice (a file whose row was committed just before a crash is recognised by its sha256 and
+not queued again). While the database or the broker is down, or the disk is below
+``CXR_MIN_FREE_MB``, files stay in the inbox and intake retries with doubling delays.
+
+The watcher also runs the reaper (``cxr.reaper``) every ``CXR_REAP_INTERVAL_SECONDS``.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from celery import Celery
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from cxr.intake import register
+from cxr.intake import DiskFullError, check_free_space, register
+from cxr.reaper import reap
 from cxr.settings import Settings
 from cxr.store import put_file
 
@@ -98,19 +109,48 @@ class InboxWatcher:
 
     def _intake(self, path: Path, state: _Pending, now: float) -> bool:
         try:
+            check_free_space(self.settings, state.size)
             stored = put_file(self.settings.store_dir, path)
             register(self.settings, self.celery, stored=stored, filename=path.name, source="watch")
         except Exception as e:  # database or broker down, disk full: keep the file, retry with backoff
             state.failures += 1
             delay = min(60.0, 2.0**state.failures)
             state.retry_at = now + delay
-            log.error("intake of a file failed (%s: %s); it stays in the inbox, retry in %.0f s",
-                      type(e).__name__, e, delay)
+            what = str(e) if isinstance(e, DiskFullError) else f"{type(e).__name__}: {e}"
+            log.error("intake of a file failed (%s); it stays in the inbox, retry in %.0f s", what, delay)
             return False
-        path.unlink(missing_ok=True)
+        self._release(path)
         with self._lock:
             self._pending.pop(path, None)
         return True
+
+    def _release(self, path: Path) -> None:
+        """Take a file whose study row is committed out of the inbox: archive or delete it."""
+        archive = self.settings.watch_archive
+        if archive is None:
+            path.unlink(missing_ok=True)
+            return
+        day = archive / datetime.now(timezone.utc).strftime("%Y-%m-%d")
+        day.mkdir(parents=True, exist_ok=True)
+        dest = day / path.name
+        n = 1
+        while dest.exists():
+            dest = day / f"{path.stem}.{n}{path.suffix}"
+            n += 1
+        shutil.move(str(path), dest)
+
+    def _reap_loop(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.reap()
+            stop.wait(self.settings.reap_interval_seconds)
+
+    def reap(self) -> None:
+        """One reaper pass; a database outage is logged and the next pass tries again."""
+        try:
+            reap(self.settings, self.celery)
+        except Exception as e:
+            log.error("reaper pass failed (%s: %s); retrying in %.0f s", type(e).__name__, e,
+                      self.settings.reap_interval_seconds)
 
     def run(self, stop: threading.Event, *, tick: float = 0.2) -> None:
         self.inbox.mkdir(parents=True, exist_ok=True)
@@ -118,6 +158,9 @@ class InboxWatcher:
         observer.schedule(_Handler(self), str(self.inbox), recursive=True)
         observer.start()
         log.info("watching %s (settle %.1f s)", self.inbox, self.settings.watch_settle_seconds)
+        # Its own thread: a broker or database that hangs must not hold up intake.
+        reaper = threading.Thread(target=self._reap_loop, args=(stop,), name="cxr-reaper", daemon=True)
+        reaper.start()
         try:
             self.scan()
             last_scan = time.monotonic()
@@ -130,4 +173,5 @@ class InboxWatcher:
         finally:
             observer.stop()
             observer.join(timeout=5)
+            reaper.join(timeout=10)
             log.info("watcher stopped")

@@ -90,6 +90,10 @@ class Study(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The lease of a study in `processing`: which worker holds it (host:pid) and until when.
+    # The worker renews it while it works; the reaper re-queues a study whose lease expired.
+    worker_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
 
     # What the file says about itself (DICOM header at intake; format and size from the worker).
     # Never PatientID or PatientName: only patient_key, an HMAC of PatientID.
@@ -111,6 +115,8 @@ class Study(Base):
 
     results: Mapped[list["Result"]] = relationship(back_populates="study", order_by="Result.id")
     files: Mapped[list["StudyFile"]] = relationship(back_populates="study", order_by="StudyFile.id")
+    events: Mapped[list["StudyEvent"]] = relationship(back_populates="study", order_by="StudyEvent.id",
+                                                      passive_deletes=True)
 
 
 #: Study columns filled from file metadata (see cxr.dicom.header_fields and the worker).
@@ -119,6 +125,25 @@ STUDY_METADATA_COLUMNS = (
     "accession_number", "modality", "body_part", "view_position", "patient_age", "patient_sex",
     "manufacturer", "transfer_syntax", "patient_key",
 )
+
+
+class StudyEvent(Base):
+    """The audit trail: one row per status change of a study, with who made it.
+
+    ``actor`` is the process: ``watcher@host:pid``, ``api@host:pid``, ``worker@host:pid``,
+    ``reaper@host:pid``. ``detail`` says why (a reject reason, an expired lease); never a
+    patient identifier."""
+
+    __tablename__ = "study_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    status: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(255))
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    study: Mapped[Study] = relationship(back_populates="events")
 
 
 class StudyFile(Base):

@@ -6,18 +6,51 @@ They flush but never commit; the caller owns the transaction.
 from __future__ import annotations
 
 import enum
+import os
+import socket
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from cxr.db.models import (
-    STUDY_METADATA_COLUMNS, ApiKey, Job, JobStudy, ModelVersion, Result, Study, StudyFile, StudyStatus, utcnow,
+    STUDY_METADATA_COLUMNS, ApiKey, Job, JobStudy, ModelVersion, Result, Study, StudyEvent, StudyFile, StudyStatus,
+    utcnow,
 )
+
+
+def worker_name() -> str:
+    """This process as a lease holder: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def actor_name(role: str) -> str:
+    """Who made a status change, for the audit trail: ``role@host:pid`` (watcher, api, worker, reaper)."""
+    return f"{role}@{worker_name()}"
+
+
+def _intake_actor(source: str) -> str:
+    return actor_name("watcher" if source == "watch" else source)
+
+
+def record_event(session: Session, *, study_id: uuid.UUID, status: str, actor: str, detail: str | None = None,
+                 at: datetime | None = None) -> StudyEvent:
+    """Append one status change to a study's audit trail."""
+    event = StudyEvent(study_id=study_id, status=status, actor=actor[:255], detail=detail, at=at or utcnow())
+    session.add(event)
+    return event
+
+
+def study_events(session: Session, *, study_id: uuid.UUID) -> list[StudyEvent]:
+    """A study's status changes, oldest first."""
+    return list(session.scalars(select(StudyEvent).where(StudyEvent.study_id == study_id)
+                                .order_by(StudyEvent.id)))
 
 
 def create_job(session: Session, *, source: str, callback_url: str | None = None) -> Job:
@@ -53,13 +86,18 @@ def _clip(metadata: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _requeue(study: Study) -> None:
+def _requeue(session: Session, study: Study, *, actor: str, detail: str) -> None:
+    previous = study.status
     study.status = StudyStatus.queued.value
     study.error = None
     study.reject_code = None
     study.started_at = None
     study.finished_at = None
+    study.worker_id = None
+    study.lease_expires_at = None
     study.updated_at = utcnow()
+    record_event(session, study_id=study.id, status=StudyStatus.queued.value, actor=actor,
+                 detail=f"re-queued (was {previous}): {detail}")
 
 
 def intake_file(
@@ -72,6 +110,7 @@ def intake_file(
     size_bytes: int,
     metadata: dict[str, Any] | None = None,
     reject: tuple[str, str] | None = None,
+    actor: str | None = None,
 ) -> IntakeResult:
     """Record a stored file: a new study, or the study it belongs to. Decides identity.
 
@@ -87,12 +126,17 @@ def intake_file(
 
     Safe against a watcher and an API racing on the same bytes or the same SOP instance:
     the unique sha256 and SOP Instance UID make the loser find the winner's row.
+
+    Every status set here is written to the audit trail with ``actor`` (default:
+    ``watcher@host:pid`` for source ``watch``, else ``<source>@host:pid``).
     """
+    actor = actor or _intake_actor(source)
     metadata = _clip(metadata or {})
     sop = metadata.get("sop_instance_uid")
     for attempt in range(3):
         found = _find_existing(session, sha256=sha256, sop=sop, filename=filename, source=source,
-                               stored_path=stored_path, size_bytes=size_bytes, metadata=metadata, reject=reject)
+                               stored_path=stored_path, size_bytes=size_bytes, metadata=metadata, reject=reject,
+                               actor=actor)
         if found is not None:
             return found
         study = Study(sha256=sha256, filename=filename, source=source, stored_path=stored_path,
@@ -108,6 +152,8 @@ def intake_file(
                 session.add(StudyFile(study_id=study.id, sha256=sha256, stored_path=stored_path,
                                       size_bytes=size_bytes, filename=filename, source=source,
                                       transfer_syntax=metadata.get("transfer_syntax")))
+                record_event(session, study_id=study.id, status=study.status, actor=actor,
+                             detail=study.error if reject is not None else f"received from {source}")
                 session.flush()
         except IntegrityError:
             continue  # someone else inserted these bytes or this SOP instance meanwhile: find it
@@ -117,14 +163,14 @@ def intake_file(
 
 def _find_existing(session: Session, *, sha256: str, sop: str | None, filename: str, source: str,
                    stored_path: str, size_bytes: int, metadata: dict[str, Any],
-                   reject: tuple[str, str] | None) -> IntakeResult | None:
+                   reject: tuple[str, str] | None, actor: str) -> IntakeResult | None:
     known = session.scalar(select(StudyFile).where(StudyFile.sha256 == sha256))
     if known is not None:
         study = session.get(Study, known.study_id)
         retry = study.status == StudyStatus.failed.value or (
             reject is None and study.status == StudyStatus.rejected.value and study.reject_code == "bad_filename")
         if retry:
-            _requeue(study)
+            _requeue(session, study, actor=actor, detail="the same bytes were received again")
             study.filename = filename
         session.flush()
         return IntakeResult(study=study, created=False, duplicate=Duplicate.same_bytes, enqueue=retry)
@@ -146,7 +192,7 @@ def _find_existing(session: Session, *, sha256: str, sop: str | None, filename: 
         study.sha256, study.stored_path, study.size_bytes, study.filename = sha256, stored_path, size_bytes, filename
         for column, value in metadata.items():
             setattr(study, column, value)
-        _requeue(study)
+        _requeue(session, study, actor=actor, detail="a new copy of its SOP instance was received")
     session.flush()
     return IntakeResult(study=study, created=False, duplicate=Duplicate.same_sop_instance, enqueue=retry)
 
@@ -179,17 +225,100 @@ def get_job(session: Session, *, job_id: uuid.UUID) -> Job | None:
     )
 
 
-def claim_study(session: Session, *, study_id: uuid.UUID) -> bool:
-    """Move a study to ``processing`` unless it is already finished. True if claimed.
+def claim_study(session: Session, *, study_id: uuid.UUID, worker: str | None = None,
+                lease_seconds: float = 120.0) -> bool:
+    """Move a study to ``processing`` with a lease held by ``worker`` (default: this process,
+    ``host:pid``) until now + ``lease_seconds``. True if claimed.
 
-    A redelivered task for a study in ``processing`` claims it again (its worker died).
+    Claimable: a ``queued`` study, or a ``processing`` one whose lease has expired (its
+    worker died or lost the database) or is already this worker's (a redelivered task).
+    A study another live worker holds, or a finished one, is left alone.
     """
+    worker = worker or worker_name()
+    now = utcnow()
+    expires = now + timedelta(seconds=lease_seconds)
     res = session.execute(
         update(Study)
-        .where(Study.id == study_id, Study.status.in_([StudyStatus.queued.value, StudyStatus.processing.value]))
-        .values(status=StudyStatus.processing.value, started_at=utcnow(), updated_at=utcnow())
+        .where(Study.id == study_id, or_(
+            Study.status == StudyStatus.queued.value,
+            and_(Study.status == StudyStatus.processing.value, or_(
+                Study.lease_expires_at.is_(None), Study.lease_expires_at < now, Study.worker_id == worker)),
+        ))
+        .values(status=StudyStatus.processing.value, started_at=now, updated_at=now, worker_id=worker,
+                lease_expires_at=expires)
+        .execution_options(synchronize_session="fetch")  # no Python-side datetime comparison (SQLite is naive)
     )
-    return res.rowcount == 1
+    if res.rowcount != 1:
+        return False
+    record_event(session, study_id=study_id, status=StudyStatus.processing.value, actor=f"worker@{worker}",
+                 detail=f"lease until {expires.isoformat(timespec='seconds')}", at=now)
+    return True
+
+
+def renew_leases(session: Session, *, worker: str, lease_seconds: float) -> int:
+    """Extend every lease ``worker`` holds to now + ``lease_seconds``. Returns how many."""
+    res = session.execute(
+        update(Study)
+        .where(Study.worker_id == worker, Study.status == StudyStatus.processing.value)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session="fetch")
+    )
+    return res.rowcount
+
+
+@dataclass(frozen=True)
+class Requeued:
+    study_id: uuid.UUID
+    reason: str
+
+
+def reap_expired(session: Session, *, now: datetime | None = None, actor: str | None = None,
+                 stale_queued_after: float | None = None, limit: int = 1000) -> list[Requeued]:
+    """Re-queue every ``processing`` study whose lease expired before ``now``; the caller
+    commits and then publishes a screening task for each.
+
+    With ``stale_queued_after`` (seconds), also return ``queued`` studies untouched for that
+    long, whose task may have been lost (the caller passes it only when the broker queue is
+    empty); their ``updated_at`` is bumped so they are not re-published on the next pass.
+    Each change is compare-and-set, so two reapers never re-queue the same study twice."""
+    now = now or utcnow()
+    actor = actor or actor_name("reaper")
+    out: list[Requeued] = []
+    expired = session.execute(
+        select(Study.id, Study.worker_id, Study.lease_expires_at)
+        .where(Study.status == StudyStatus.processing.value, Study.lease_expires_at < now)
+        .order_by(Study.lease_expires_at).limit(limit)
+    ).all()
+    for sid, worker, expires in expired:
+        res = session.execute(
+            update(Study)
+            .where(Study.id == sid, Study.status == StudyStatus.processing.value, Study.lease_expires_at == expires)
+            .values(status=StudyStatus.queued.value, worker_id=None, lease_expires_at=None, started_at=None,
+                    updated_at=now)
+            .execution_options(synchronize_session="fetch")
+        )
+        if res.rowcount == 1:
+            reason = f"lease of worker {worker} expired at {expires.isoformat(timespec='seconds')}; re-queued"
+            record_event(session, study_id=sid, status=StudyStatus.queued.value, actor=actor, detail=reason, at=now)
+            out.append(Requeued(study_id=sid, reason=reason))
+    if stale_queued_after is not None:
+        cutoff = now - timedelta(seconds=stale_queued_after)
+        stale = session.execute(
+            select(Study.id, Study.updated_at)
+            .where(Study.status == StudyStatus.queued.value, Study.updated_at < cutoff)
+            .order_by(Study.updated_at).limit(limit)
+        ).all()
+        for sid, updated in stale:
+            res = session.execute(update(Study).where(Study.id == sid, Study.status == StudyStatus.queued.value,
+                                                      Study.updated_at == updated).values(updated_at=now)
+                                  .execution_options(synchronize_session="fetch"))
+            if res.rowcount == 1:
+                reason = (f"queued since {updated.isoformat(timespec='seconds')} with no task waiting in the "
+                          "broker queue; task published again")
+                record_event(session, study_id=sid, status=StudyStatus.queued.value, actor=actor, detail=reason, at=now)
+                out.append(Requeued(study_id=sid, reason=reason))
+    session.flush()
+    return out
 
 
 def ensure_model_version(
@@ -257,50 +386,62 @@ def record_result(
     heatmap_path: str | None,
     timings_ms: dict[str, float],
     final: bool = True,
+    actor: str | None = None,
 ) -> Result:
     """Store a result and (``final``) mark the study done. A result already stored for this
     model wins; only its missing heatmap (and timings) are filled in.
 
     ``final=False`` stores the scores before the heatmap exists: the study stays
-    ``processing`` (POST /predict answers from such a row; ``done`` waits for the heatmap)."""
-    result = session.scalar(
-        select(Result).where(Result.study_id == study_id, Result.model_version_id == model_version_id)
-    )
-    if result is not None and result.heatmap_path is None and heatmap_path is not None:
+    ``processing`` (POST /predict answers from such a row; ``done`` waits for the heatmap).
+
+    The insert is an upsert (``ON CONFLICT DO NOTHING`` on the unique (study, model version)):
+    two workers finishing the same study (a lease that expired under a slow worker) leave
+    one row, the first one written."""
+    where = (Result.study_id == study_id, Result.model_version_id == model_version_id)
+    result = session.scalar(select(Result).where(*where))
+    if result is None:
+        insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+        session.execute(insert(Result).values(
+            study_id=study_id, model_version_id=model_version_id, probabilities=probabilities,
+            predicted_class=predicted_class, confidence=float(probabilities[predicted_class]), risk=risk,
+            flagged=flagged, heatmap_path=heatmap_path, timings_ms=timings_ms, created_at=utcnow(),
+        ).on_conflict_do_nothing(index_elements=["study_id", "model_version_id"]))
+        result = session.scalar(select(Result).where(*where).execution_options(populate_existing=True))
+    if result.heatmap_path is None and heatmap_path is not None:
         result.heatmap_path = heatmap_path
         result.timings_ms = timings_ms
-    if result is None:
-        result = Result(
-            study_id=study_id,
-            model_version_id=model_version_id,
-            probabilities=probabilities,
-            predicted_class=predicted_class,
-            confidence=float(probabilities[predicted_class]),
-            risk=risk,
-            flagged=flagged,
-            heatmap_path=heatmap_path,
-            timings_ms=timings_ms,
-        )
-        session.add(result)
     if final:
-        session.execute(
-            update(Study)
-            .where(Study.id == study_id)
-            .values(status=StudyStatus.done.value, error=None, reject_code=None, finished_at=utcnow(),
-                    updated_at=utcnow())
-        )
+        _finish(session, study_id=study_id, status=StudyStatus.done, error=None, reject_code=None,
+                actor=actor, detail=f"{result.predicted_class} (risk {result.risk:.3f})")
     session.flush()
     return result
 
 
-def mark_study(
-    session: Session, *, study_id: uuid.UUID, status: StudyStatus, error: str | None, reject_code: str | None = None
-) -> None:
+def _finish(session: Session, *, study_id: uuid.UUID, status: StudyStatus, error: str | None,
+            reject_code: str | None, actor: str | None, detail: str | None) -> None:
+    """Set a final status, release the lease, and write the change to the audit trail
+    (only when the status changes, so a repeated write adds no event)."""
+    previous = session.scalar(select(Study.status).where(Study.id == study_id))
+    now = utcnow()
     session.execute(
         update(Study)
         .where(Study.id == study_id)
-        .values(status=status.value, error=error, reject_code=reject_code, finished_at=utcnow(), updated_at=utcnow())
+        .values(status=status.value, error=error, reject_code=reject_code, finished_at=now, updated_at=now,
+                worker_id=None, lease_expires_at=None)
     )
+    if previous is not None and previous != status.value:
+        record_event(session, study_id=study_id, status=status.value, actor=actor or actor_name("worker"),
+                     detail=detail, at=now)
+
+
+def mark_study(
+    session: Session, *, study_id: uuid.UUID, status: StudyStatus, error: str | None, reject_code: str | None = None,
+    actor: str | None = None,
+) -> None:
+    """Set a study's final status (and reason), release its lease, and audit the change
+    (``actor`` defaults to ``worker@host:pid``)."""
+    _finish(session, study_id=study_id, status=status, error=error, reject_code=reject_code, actor=actor,
+            detail=error)
 
 
 @dataclass(frozen=True)
