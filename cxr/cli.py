@@ -199,7 +199,7 @@ def worker(
     from worker.tasks import app as celery_app
 
     if concurrency > 1:
-        if "max_batch" in settings.model_fields_set and settings.max_batch > 1:
+        if not settings.max_batch_is_default and settings.max_batch > 1:
             raise fail("CXR_MAX_BATCH > 1 runs one process with a threads pool; start more `cxr worker` "
                        "processes instead of --concurrency, or set CXR_MAX_BATCH=1")
         settings.max_batch = 1  # prefork children inherit this process's settings

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -167,8 +167,16 @@ class Settings(BaseSettings):
         if self.engine == "auto":
             self.engine = "torch" if on_cuda else "onnx"
         if self.max_batch is None:
+            self._max_batch_is_default = True
             self.max_batch = 64 if on_cuda else 16
         return self
+
+    _max_batch_is_default: bool = PrivateAttr(False)
+
+    @property
+    def max_batch_is_default(self) -> bool:
+        """True when CXR_MAX_BATCH was not given (the per-device default applies)."""
+        return self._max_batch_is_default
 
     # Derived locations -------------------------------------------------------------
     @property

@@ -52,3 +52,11 @@ def test_worker_gpus_without_a_gpu_exits_2_and_says_what_to_do(tmp_path, tiny_bu
     proc = cxr("worker", "--gpus", "all", env=env, timeout=120, check=False)
     assert proc.returncode == 2, proc.stderr
     assert "no CUDA GPU is visible" in proc.stderr and "without --gpus" in proc.stderr
+
+
+def test_prefork_concurrency_turns_off_the_default_batching_but_refuses_an_explicit_one(tmp_path, tiny_bundle):
+    env = clean_env(CXR_HOME=str(tmp_path / "var"), CXR_CHECKPOINT=str(tiny_bundle), CXR_MAX_BATCH="8")
+    proc = cxr("worker", "--concurrency", "2", env=env, timeout=120, check=False)
+    assert proc.returncode == 2 and "CXR_MAX_BATCH > 1 runs one process" in proc.stderr
+    assert Settings(_env_file=None).max_batch_is_default
+    assert not Settings(_env_file=None, max_batch=16).max_batch_is_default
