@@ -32,7 +32,7 @@ from cxr import DISCLAIMER, __version__
 from cxr.bundle import BundleError, file_sha256, read_meta
 from cxr.db import repo
 from cxr.db.models import StudyStatus
-from cxr.intake import Intaken, register
+from cxr.intake import DiskFullError, Intaken, check_free_space, register
 from cxr.metrics import api_metrics
 from cxr.queue import PRIORITY_BATCH, PRIORITY_HIGH, fire_callbacks
 from cxr.registry import resolve_bundle
@@ -126,7 +126,14 @@ def _store_upload(settings: Settings, upload: UploadFile, *, what: str):
 
 def _intake(settings: Settings, celery: Celery, session: Session, uploads: list[UploadFile], *,
             priority: int, allow_zip: bool, callback_url: str | None = None) -> tuple[uuid.UUID, list[Intaken]]:
-    """Check every upload (type, size), then store each, record it in a new job and enqueue it."""
+    """Check every upload (type, size), then store each, record it in a new job and enqueue it.
+
+    507 while the store's disk is below CXR_MIN_FREE_MB: nothing is taken, nothing accepted is lost."""
+    try:
+        check_free_space(settings)
+    except DiskFullError as e:
+        log.error("refusing an upload: %s", e)
+        raise HTTPException(507, f"{e}. Retry later") from e
     heads = [peek(u.file) for u in uploads]
     zipped = allow_zip and len(uploads) == 1 and is_zip(heads[0])
     if not zipped:
@@ -206,7 +213,7 @@ def _one(uploads: list[UploadFile], settings: Settings, celery: Celery, session:
 
 # --- seed-compatible endpoints --------------------------------------------------------
 
-@app.post("/predict", response_model=Prediction, dependencies=Protected, responses=errors(413, 415, 504))
+@app.post("/predict", response_model=Prediction, dependencies=Protected, responses=errors(413, 415, 504, 507))
 def predict(
     file: Annotated[UploadFile, File(description="One PNG, JPEG or DICOM file")],
     settings: SettingsDep, session: SessionDep, celery: CeleryDep,
@@ -218,7 +225,7 @@ def predict(
 
 
 @app.post("/predict/batch", response_model=list[Prediction], dependencies=Protected,
-          responses=errors(413, 415, 504))
+          responses=errors(413, 415, 504, 507))
 def predict_batch(
     files: Annotated[list[UploadFile], File(description=f"Up to {MAX_BATCH} PNG, JPEG or DICOM files")],
     settings: SettingsDep, session: SessionDep, celery: CeleryDep,
@@ -261,7 +268,7 @@ def _heatmap_files(heatmap_path: str | None) -> tuple[Path | None, Path | None]:
 
 
 @app.post("/predict/explain", response_model=Explanation, dependencies=Protected,
-          responses=errors(413, 415, 504))
+          responses=errors(413, 415, 504, 507))
 def predict_explain(
     file: Annotated[UploadFile, File(description="One PNG, JPEG or DICOM file")],
     settings: SettingsDep, session: SessionDep, celery: CeleryDep,
@@ -279,7 +286,7 @@ def predict_explain(
 # --- jobs and results -----------------------------------------------------------------
 
 @app.post("/jobs", status_code=202, response_model=JobCreated, dependencies=Protected,
-          responses=errors(400, 413, 415))
+          responses=errors(400, 413, 415, 507))
 def create_job(
     files: Annotated[list[UploadFile], File(description="One or more PNG, JPEG or DICOM files, or one zip of them")],
     settings: SettingsDep,

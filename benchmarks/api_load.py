@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """API load on loopback: POST /jobs upload throughput and POST /predict latency.
 
-Starts `cxr api` and one `cxr worker` (solo pool) in a temporary CXR_HOME, on the
+Starts `cxr api` and one `cxr worker` (default settings) in a temporary CXR_HOME, on the
 database and broker given (default: CXR_DATABASE_URL / CXR_BROKER_URL from the
 environment, else the embedded SQLite + filesystem broker), with the shipped model unless
 --checkpoint or CXR_CHECKPOINT says otherwise. Then:
