@@ -55,8 +55,9 @@ class Settings(BaseSettings):
     max_batch: int | None = Field(None, ge=1, description="Studies per forward pass; > 1 runs the worker with a "
                                   "threads pool of this many and micro-batches their forward passes. "
                                   "Default 16 on the CPU, 64 on CUDA.")
-    max_wait_ms: float = Field(50.0, ge=0, description="How long a batch waits for more studies after its first "
-                               "(only while more are being decoded).")
+    max_wait_ms: float = Field(50.0, ge=0, description="How long a batch waits for more studies after its first.")
+    batch_eager: bool = Field(True, description="Run a batch as soon as no other study is being decoded, instead "
+                              "of waiting CXR_MAX_WAIT_MS for it to fill: a lone study pays no batching delay.")
     device: str = Field("cpu", description="Torch device for inference: cpu, cuda or cuda:N. Without a usable "
                         "GPU a cuda worker says so in its log and runs on the CPU. See also `cxr worker --gpus`.")
     heatmaps: Literal["all", "flagged", "none"] = Field(

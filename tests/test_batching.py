@@ -76,3 +76,22 @@ def test_a_lone_study_does_not_wait_for_a_batch(tmp_path, tiny_bundle):
                                                                 max_wait_ms=600_000))
     out = screener.screen(write_png(tmp_path / "alone.png", seed=3).read_bytes())
     assert out.status == "done" and out.timings_ms["batch_size"] == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_patient_batcher_waits_to_fill_its_batch(tmp_path, tiny_bundle):
+    """With batch_eager off, two studies screened a little apart share one forward pass:
+    the first waits (up to max_wait_ms) for company instead of running alone."""
+    import threading
+    import time
+
+    screener = Screener(load_bundle(tiny_bundle), ScreenOptions(heatmaps="none", max_batch=2, max_wait_ms=60_000,
+                                                                batch_eager=False))
+    data = [write_png(tmp_path / f"p{i}.png", seed=10 + i).read_bytes() for i in range(2)]
+    outs = [None, None]
+    first = threading.Thread(target=lambda: outs.__setitem__(0, screener.screen(data[0])))
+    first.start()
+    time.sleep(1.0)  # the first is alone in the batcher by now
+    outs[1] = screener.screen(data[1])
+    first.join(timeout=60)
+    assert [o.timings_ms["batch_size"] for o in outs] == [2, 2]

@@ -55,6 +55,7 @@ def screen_options(settings: Settings):
         threads=settings.torch_threads,
         max_batch=settings.max_batch,
         max_wait_ms=settings.max_wait_ms,
+        batch_eager=settings.batch_eager,
     )
 
 

@@ -64,6 +64,7 @@ class ScreenOptions:
     threads: int = 1
     max_batch: int = 1  # > 1: concurrent screen() calls share forward passes (see batching.py)
     max_wait_ms: float = 50.0
+    batch_eager: bool = True  # run a batch once nobody else is decoding (else wait max_wait_ms to fill it)
 
 
 class Rejected(ImageDecodeError):
@@ -129,7 +130,8 @@ class Screener:
             from worker.screening.batching import MicroBatcher
 
             self.run_forward = MicroBatcher(self.forward, max_batch=options.max_batch,
-                                            max_wait_ms=options.max_wait_ms, coming=lambda: self._decoding)
+                                            max_wait_ms=options.max_wait_ms,
+                                            coming=(lambda: self._decoding) if options.batch_eager else (lambda: 1))
 
     def forward(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(N, C, H, W) -> (logits, conv_head features or None), without gradients.
