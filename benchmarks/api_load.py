@@ -58,21 +58,28 @@ def pct(values: list[float], q: float) -> float:
 
 
 def forward_ms(bundle: Path, threads: int, n: int = 30) -> list[float]:
+    """The bare forward pass the worker runs: its engine (CXR_ENGINE, onnx on the CPU by
+    default), batch 1, a tensor already in memory."""
+    import tempfile
+
     import torch
 
-    from worker.screening.infer import infer
+    from cxr.settings import Settings
     from worker.screening.model import load_bundle
+    from worker.screening.pipeline import ScreenOptions, Screener
 
     torch.set_num_threads(threads)
-    loaded = load_bundle(bundle)
-    m = loaded.meta
+    engine = Settings(_env_file=None).engine
+    screener = Screener(load_bundle(bundle), ScreenOptions(engine=engine, threads=threads,
+                                                           cache_dir=Path(tempfile.mkdtemp())))
+    m = screener.meta
     x = np.random.default_rng(0).normal(size=(1, m.in_chans, m.input_size, m.input_size)).astype(np.float32)
     for _ in range(3):
-        infer(loaded.model, x, temperature=m.temperature)
+        screener.forward(x)
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
-        infer(loaded.model, x, temperature=m.temperature)
+        screener.forward(x)
         out.append((time.perf_counter() - t0) * 1e3)
     return out
 
@@ -102,7 +109,7 @@ def main() -> int:
     ap.add_argument("--no-heatmaps", action="store_true", help="workers skip Grad-CAM (CXR_HEATMAPS=none)")
     args = ap.parse_args()
 
-    from cxr.settings import DEFAULT_BUNDLE
+    from cxr.settings import DEFAULT_BUNDLE, Settings
 
     bundle = (args.checkpoint or Path(os.environ.get("CXR_CHECKPOINT") or DEFAULT_BUNDLE)).resolve()
     threads = int(os.environ.get("CXR_TORCH_THREADS", "1"))
@@ -157,7 +164,7 @@ def main() -> int:
     p50 = statistics.median(lat)
     print("| measure | value |")
     print("|---|---|")
-    print(f"| bare model forward p50 (this process, {threads} thread) | {f50:.1f} ms |")
+    print(f"| bare model forward p50 (this process, engine {Settings(_env_file=None).engine}, {threads} thread, batch 1) | {f50:.1f} ms |")
     print(f"| /predict p50 / p95 (n={len(lat)}, ~{len(predict_files[0]) / 1e3:.0f} KB PNG) | "
           f"{p50:.1f} / {pct(lat, 0.95):.1f} ms |")
     print(f"| worker: decode+preprocess / forward / Grad-CAM (p50) | {med('decode_preprocess'):.1f} / "

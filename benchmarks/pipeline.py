@@ -225,7 +225,12 @@ def run_pipeline(files: list[Path], env_extra: dict[str, str], *, distributed: d
             if finished >= len(files):
                 break
             if any(p.poll() is not None for p in procs):
-                raise RuntimeError("a process exited:\n" + logf.read_text()[-3000:])
+                keep = Path(tempfile.mkdtemp(prefix="cxr-pipeline-failed-")) / "log.txt"
+                shutil.copy(logf, keep)
+                lines = [ln for ln in logf.read_text().splitlines()
+                         if any(w in ln for w in ("ERROR", "CRITICAL", "Traceback", "exited", "Error", "Killed"))]
+                raise RuntimeError(f"a process exited ({[(p.args[-1], p.returncode) for p in procs]}); whole log "
+                                   f"kept at {keep}:\n" + "\n".join(lines[-40:]))
             if time.monotonic() - t0 > 3600:
                 raise TimeoutError("the pipeline did not finish in an hour")
             time.sleep(0.05)

@@ -71,3 +71,21 @@ def test_overlay_is_the_documented_blend_of_radiograph_and_jet_map():
     assert np.abs(got - expected).max() <= 2.0
     big = overlay_rgb(rng.random((2048, 1024)).astype(np.float32), cam)
     assert big.shape == (512, 256, 3)
+
+
+def test_batched_gradcam_equals_one_map_at_a_time(tmp_path, tiny_bundle):
+    """The worker computes the Grad-CAMs of a whole batch in one backward pass through the
+    head; each map equals the one computed for that study alone (and only wanted ones are made)."""
+    from worker.screening.pipeline import ScreenOptions, Screener, gated_pixels, to_model
+
+    screener = Screener(load_bundle(tiny_bundle), ScreenOptions(heatmaps="all"))
+    x = np.stack([to_model(gated_pixels(write_png(tmp_path / f"{i}.png", seed=70 + i).read_bytes())[0],
+                           screener.meta) for i in range(5)])
+    batch = screener._step(x, [True, True, False, True, True])
+    assert batch[2][1] is None
+    assert all(batch[i][1].max() > batch[i][1].min() for i in (0, 1, 3, 4))  # real maps, not blanks
+    for i in (0, 1, 3, 4):
+        probs, cam, _ = screener._step(x[i:i + 1], [True])[0]
+        assert np.abs(batch[i][0] - probs).max() <= 1e-5
+        assert batch[i][1].shape == cam.shape == x.shape[2:]
+        assert np.abs(batch[i][1] - cam).max() <= 1e-4, i

@@ -16,18 +16,18 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 from concurrent.futures import Future
 
 import numpy as np
-import torch
 
 log = logging.getLogger(__name__)
-Forward = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor | None]]
-Row = tuple[torch.Tensor, torch.Tensor | None, int]
+# A batched step: the stacked inputs (N, C, H, W) and each caller's argument -> one result per row.
+Step = Callable[[np.ndarray, list[Any]], list[Any]]
 
 
 class MicroBatcher:
-    def __init__(self, forward: Forward, *, max_batch: int, max_wait_ms: float,
+    def __init__(self, forward: Step, *, max_batch: int, max_wait_ms: float,
                  coming: Callable[[], int] = lambda: 1) -> None:
         if max_batch < 2:
             raise ValueError("max_batch must be at least 2 to batch anything")
@@ -35,17 +35,17 @@ class MicroBatcher:
         self.coming = coming  # how many more inputs are expected soon (0: run what is here)
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
-        self._queue: queue.Queue[tuple[np.ndarray, Future]] = queue.Queue()
+        self._queue: queue.Queue[tuple[np.ndarray, Any, Future]] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="cxr-batcher", daemon=True)
         self._thread.start()
 
-    def __call__(self, x: np.ndarray) -> Row:
-        """One input (1, C, H, W) -> its (logits (1, K), features (1, ...) or None, batch size)."""
+    def __call__(self, x: np.ndarray, arg: Any = None) -> tuple[Any, int]:
+        """One input (1, C, H, W) and its argument -> (its row of the step's result, batch size)."""
         future: Future = Future()
-        self._queue.put((x, future))
+        self._queue.put((x, arg, future))
         return future.result()
 
-    def _collect(self) -> list[tuple[np.ndarray, Future]]:
+    def _collect(self) -> list[tuple[np.ndarray, Any, Future]]:
         items = [self._queue.get()]
         deadline = time.monotonic() + self.max_wait
         while len(items) < self.max_batch:
@@ -67,11 +67,11 @@ class MicroBatcher:
         while True:
             items = self._collect()
             try:
-                logits, features = self.forward(np.concatenate([x for x, _ in items]))
+                rows = self.forward(np.concatenate([x for x, _, _ in items]), [a for _, a, _ in items])
             except Exception as e:  # handed to every caller of this batch, who records it per study
                 log.exception("batched forward pass of %d studies failed", len(items))
-                for _, future in items:
+                for _, _, future in items:
                     future.set_exception(e)
                 continue
-            for i, (_, future) in enumerate(items):
-                future.set_result((logits[i:i + 1], None if features is None else features[i:i + 1], len(items)))
+            for row, (_, _, future) in zip(rows, items):
+                future.set_result((row, len(items)))

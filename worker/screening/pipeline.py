@@ -110,7 +110,7 @@ class Screener:
         self.meta = loaded.meta
         self.options = options
         self.onnx = None
-        # Grad-CAM runs one at a time: concurrent backward passes through the shared model
+        # Grad-CAM runs one batch at a time: concurrent backward passes through the shared model
         # from several worker threads crashed the process here (SIGSEGV). It is cheap (head only).
         self._cam_lock = threading.Lock()
         if options.engine == "onnx":
@@ -123,13 +123,13 @@ class Screener:
                                    cache_dir=options.cache_dir or loaded.path.parent)
         elif options.engine != "torch":
             raise ValueError(f"unknown engine {options.engine!r}: use torch or onnx")
-        self.run_forward = lambda x: (*self.forward(x), len(x))
+        self.run_forward = lambda x, want_cam: (self._step(x, [want_cam])[0], 1)
         self._decoding = 0  # screen() calls that have not reached the model yet
         self._decoding_lock = threading.Lock()
         if options.max_batch > 1:
             from worker.screening.batching import MicroBatcher
 
-            self.run_forward = MicroBatcher(self.forward, max_batch=options.max_batch,
+            self.run_forward = MicroBatcher(self._step, max_batch=options.max_batch,
                                             max_wait_ms=options.max_wait_ms,
                                             coming=(lambda: self._decoding) if options.batch_eager else (lambda: 1))
 
@@ -155,13 +155,45 @@ class Screener:
                 return model.from_last_conv(features).float(), features.float()
             return model(tensor).float(), None
 
+    def _step(self, x: np.ndarray, want_cam: list[bool]) -> list[tuple[np.ndarray, np.ndarray | None, float]]:
+        """The model's part for a batch: forward, probabilities, and the Grad-CAMs the heatmap
+        policy asks for, in one backward pass through the head for the whole batch.
+
+        Returns per row: (probabilities, Grad-CAM map (H, W) or None, Grad-CAM ms per map)."""
+        logits, features = self.forward(x)
+        probs = torch.softmax(logits.float() / self.meta.temperature, dim=1).cpu().numpy().astype(np.float64)
+        rows = [p for p in probs]
+        need = [i for i, (p, want) in enumerate(zip(rows, want_cam)) if want and self._wants_cam(p)]
+        cams: dict[int, np.ndarray] = {}
+        per_map_ms = 0.0
+        if need:
+            t = time.perf_counter()
+            targets = [int(np.argmax(rows[i])) for i in need]
+            model = self.loaded.model
+            with self._cam_lock:
+                if features is not None:
+                    maps = gradcam_from_features(model, features[need], target_classes=targets, size=x.shape[2:])
+                else:
+                    maps = [gradcam(model, x[i], target_class=c) for i, c in zip(need, targets)]
+            cams = dict(zip(need, maps))
+            per_map_ms = (time.perf_counter() - t) * 1e3 / len(need)
+        return [(p, cams.get(i), per_map_ms) for i, p in enumerate(rows)]
+
+    def _wants_cam(self, probs: np.ndarray) -> bool:
+        if self.options.heatmaps == "all":
+            return True
+        if self.options.heatmaps == "flagged":
+            return risk_and_flag(dict(zip(self.meta.classes, map(float, probs))), self.meta)[1]
+        return False
+
     def screen(self, data: bytes, *, heatmap_to: Path | None = None,
                on_scored: Callable[[Outcome], None] | None = None) -> Outcome:
         """Score one file. Input problems come back as an Outcome, never as an exception.
 
-        ``on_scored`` is called with the scores (no heatmap yet) before Grad-CAM runs, so a
-        caller can publish them early: rendering and writing the heatmap PNGs costs more
-        than the forward pass."""
+        The Grad-CAM map (when the heatmap policy wants one and ``heatmap_to`` is given) is
+        computed with the forward pass, batched; drawing and writing it happens here, in the
+        caller's thread, off the model's path. ``on_scored`` is called with the scores before
+        the heatmap is written, so a caller can publish them early."""
         t0 = time.perf_counter()
         with self._decoding_lock:
             self._decoding += 1
@@ -175,29 +207,24 @@ class Screener:
             with self._decoding_lock:
                 self._decoding -= 1
         t1 = time.perf_counter()
-        model = self.loaded.model
-        logits, features, batch_size = self.run_forward(x[None])
-        probs_arr = torch.softmax(logits.float() / self.meta.temperature, dim=1)[0].cpu().numpy().astype(np.float64)
+        want_cam = heatmap_to is not None and self.options.heatmaps != "none"
+        (probs_arr, cam, cam_ms), batch_size = self.run_forward(x[None], want_cam)
         t2 = time.perf_counter()
         probs = {c: float(p) for c, p in zip(self.meta.classes, probs_arr)}
         predicted = max(probs, key=probs.__getitem__)
         risk, flagged = risk_and_flag(probs, self.meta)
         heatmap_path = None
-        timings = {"decode_preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "batch_size": batch_size}
+        cam_share = cam_ms if cam is not None else 0.0  # this study's share of the batch's Grad-CAM
+        timings = {"decode_preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3 - cam_share,
+                   "batch_size": batch_size}
         if on_scored is not None:
             on_scored(Outcome(status="done", probabilities=probs, predicted_class=predicted, risk=risk,
                               flagged=flagged, timings_ms={k: round(v, 2) for k, v in timings.items()},
                               metadata=metadata))
-        wanted = self.options.heatmaps == "all" or (self.options.heatmaps == "flagged" and flagged)
-        if heatmap_to is not None and wanted:
-            target = self.meta.classes.index(predicted)
-            with self._cam_lock:
-                if features is not None:
-                    cam = gradcam_from_features(model, features, target_classes=[target], size=x.shape[1:])[0]
-                else:
-                    cam = gradcam(model, x, target_class=target)
+        if cam is not None:
+            t3 = time.perf_counter()
             heatmap_path = str(save_heatmap(pixels, cam, heatmap_to))
-            timings["gradcam"] = (time.perf_counter() - t2) * 1e3
+            timings["gradcam"] = cam_ms + (time.perf_counter() - t3) * 1e3
         return Outcome(
             status="done",
             probabilities=probs,
