@@ -7,6 +7,7 @@ from functools import lru_cache
 
 from celery import Celery
 
+from cxr.fs_transport import TRANSPORT as FS_TRANSPORT
 from cxr.settings import Settings, get_settings
 
 SCREEN_TASK = "cxr.screen_study"
@@ -37,6 +38,7 @@ def make_celery(settings: Settings) -> Celery:
     if settings.uses_filesystem_broker:
         settings.ensure_dirs()
         queue_dir = str(settings.broker_dir / "queue")
+        conf["broker_transport"] = FS_TRANSPORT  # kombu's, with atomic writes (see cxr/fs_transport.py)
         conf["broker_transport_options"] = {
             "data_folder_in": queue_dir,
             "data_folder_out": queue_dir,

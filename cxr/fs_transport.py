@@ -1,0 +1,94 @@
+"""kombu's filesystem transport, with messages written atomically.
+
+The stock transport creates a message file in the queue folder and then writes into it. A
+consumer that lists the folder in between moves the still-empty file away, fails to parse it
+(JSONDecodeError: Celery stops the worker as an "unrecoverable error") and the message is
+lost. Seen here with a few thousand files dropped into the inbox at once. The exchange
+table (which queues an exchange routes to) had the same race: it was truncated and rewritten
+in place while other processes read it. This transport writes each message, and each new
+exchange table, under a temporary name and renames it into place, so a reader sees a whole
+file or none. Selected by cxr.queue for ``filesystem://``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from time import monotonic, sleep
+
+from kombu.exceptions import ChannelError
+from kombu.transport import filesystem, virtual
+from kombu.transport.filesystem import LOCK_EX, exchange_queue_t, lock, unlock
+from kombu.utils.encoding import str_to_bytes
+from kombu.utils.json import dumps
+
+TRANSPORT = "cxr.fs_transport:Transport"
+
+
+class Channel(filesystem.Channel):
+    def _put(self, queue, payload, **kwargs):
+        """Put ``payload`` onto ``queue``: write ``<name>.tmp``, flush it, rename it to ``<name>``."""
+        name = "{}_{}.{}.msg".format(int(round(monotonic() * 1000)), uuid.uuid4(), queue)
+        final = os.path.join(self.data_folder_out, name)
+        tmp = final + ".tmp"  # "<ms>_<uuid>.<queue>.msg.tmp" never matches a queue's ".msg" suffix
+        try:
+            with open(tmp, "wb") as f:
+                f.write(str_to_bytes(dumps(payload)))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except OSError as exc:
+            raise ChannelError(f"Cannot add file {final!r} to directory") from exc
+
+
+    def _queue_bind(self, exchange, routing_key, pattern, queue):
+        """Add a queue to an exchange's table: read, change and replace the table whole, one
+        binder at a time (a lock file beside it), so a concurrent get_table never reads half."""
+        file = self._exchange_file(exchange)
+        self.control_folder.mkdir(parents=True, exist_ok=True)
+        queue_val = exchange_queue_t(routing_key or "", pattern or "", queue or "")
+        try:
+            with open(file.with_name(file.name + ".lock"), "a") as guard:
+                lock(guard, LOCK_EX)
+                try:
+                    queues = filesystem.Channel.get_table(self, exchange)  # as it is: no waiting
+                    if queue_val not in queues:
+                        queues.insert(0, queue_val)
+                        tmp = file.with_name(f"{file.name}.{uuid.uuid4().hex}.tmp")
+                        tmp.write_bytes(str_to_bytes(dumps(queues)))
+                        os.replace(tmp, file)
+                finally:
+                    unlock(guard)
+        except OSError as exc:
+            raise ChannelError(f"Cannot open {file}") from exc
+
+
+    def get_table(self, exchange):
+        """The exchange's table, from its file. Within one process kombu records a binding in
+        memory before the first binder has written the file; a publisher on another thread
+        that read the file in between found no queue and its message went nowhere. cxr always
+        binds its queue before publishing, so an empty table means "not written yet": look
+        again for up to two seconds before giving up on it."""
+        table = super().get_table(exchange)
+        deadline = monotonic() + 2.0
+        while not table and monotonic() < deadline:
+            sleep(0.005)
+            table = super().get_table(exchange)
+        return table
+
+
+class Transport(filesystem.Transport):
+    """kombu keeps one in-memory record of bindings per process for this transport, whatever
+    the folders; a second broker folder in the same process (each test's CXR_HOME) then never
+    got its exchange table written. Here the record is kept per control folder."""
+
+    Channel = Channel
+    _states: dict[str, virtual.BrokerState] = {}
+    _states_lock = threading.Lock()
+
+    def __init__(self, client, **kwargs):
+        super().__init__(client, **kwargs)
+        folder = os.path.abspath((client.transport_options or {}).get("control_folder", "control"))
+        with self._states_lock:
+            self.state = self._states.setdefault(folder, virtual.BrokerState())
