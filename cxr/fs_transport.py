@@ -66,13 +66,14 @@ class Channel(filesystem.Channel):
 
     def get_table(self, exchange):
         """The exchange's table, from its file. Within one process kombu records a binding in
-        memory before the first binder has written the file; a publisher on another thread
-        that read the file in between found no queue and its message went nowhere. cxr always
-        binds its queue before publishing, so an empty table means "not written yet": look
-        again for up to two seconds before giving up on it."""
+        memory (``state.bindings``) before the first binder has written the file; a publisher
+        on another thread that read the file in between found no queue and its message went
+        nowhere. So while the file has no table but this process knows of a binding to the
+        exchange, look again (for up to two seconds). Exchanges nobody here bound (a
+        broadcast with no worker listening) are answered at once."""
         table = super().get_table(exchange)
         deadline = monotonic() + 2.0
-        while not table and monotonic() < deadline:
+        while not table and monotonic() < deadline and any(b[1] == exchange for b in list(self.state.bindings)):
             sleep(0.005)
             table = super().get_table(exchange)
         return table

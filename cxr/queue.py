@@ -62,7 +62,12 @@ def get_celery() -> Celery:
 
 
 def enqueue_study(app: Celery, study_id: str, *, priority: int = PRIORITY_BATCH) -> None:
-    app.send_task(SCREEN_TASK, args=[study_id], priority=priority)
+    """Publish a study's screening task. An interactive one (PRIORITY_HIGH: someone waits on
+    POST /predict) asks the worker to store its scores before drawing the heatmap; batch work
+    saves that extra database write."""
+    interactive = priority <= PRIORITY_HIGH
+    app.send_task(SCREEN_TASK, args=[study_id], kwargs={"scores_first": True} if interactive else None,
+                  priority=priority)
 
 
 def queue_depth(app: Celery, queue: str) -> int:

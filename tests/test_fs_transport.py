@@ -72,3 +72,22 @@ def test_message_and_exchange_files_are_never_seen_half_written(tmp_path):
                 break
             got += 1
     assert got == 3000
+
+
+def test_interactive_tasks_ask_for_scores_first_and_batch_tasks_do_not(tmp_path):
+    """POST /predict (high priority) asks the worker to store scores before the heatmap;
+    batch intake (watcher, jobs) skips that extra write. Read back from the real queue files."""
+    import base64
+
+    from cxr.queue import PRIORITY_BATCH, PRIORITY_HIGH, enqueue_study
+
+    settings = Settings(_env_file=None, home=tmp_path)
+    app = make_celery(settings)
+    enqueue_study(app, "11111111-1111-1111-1111-111111111111", priority=PRIORITY_HIGH)
+    enqueue_study(app, "22222222-2222-2222-2222-222222222222", priority=PRIORITY_BATCH)
+    bodies = {}
+    for f in (settings.broker_dir / "queue").glob("*.msg"):
+        msg = json.loads(f.read_bytes())
+        args, kwargs, _ = json.loads(base64.b64decode(msg["body"]))
+        bodies[args[0][0]] = kwargs
+    assert bodies == {"1": {"scores_first": True}, "2": {}}

@@ -149,6 +149,9 @@ def test_sigkill_worker_holding_a_batch_of_50(tmp_path, tiny_bundle, postgres_ur
         second = stack.procs["worker2"].pid
         for sid in ids:
             trail = [(e.status, e.actor.split(":")[-1], e.actor.split("@")[0]) for e in history(postgres_url, sid)]
+            # A slow claim may let the reaper publish a queued study again (at-least-once
+            # publishing; the result stays exactly once): repeated re-queues count as one.
+            trail = [t for i, t in enumerate(trail) if i == 0 or t[::2] != trail[i - 1][::2]]
             statuses = [t[0] for t in trail]
             assert statuses == ["queued", "processing", "queued", "processing", "done"], trail
             assert trail[1][1] == str(first.pid) and trail[2][2] == "reaper"

@@ -95,12 +95,14 @@ def _model_version_id(database_url: str, sha256: str, architecture: str, classes
         return mv.id
 
 
-def process_study(settings: Settings, study_id: uuid.UUID) -> str:
+def process_study(settings: Settings, study_id: uuid.UUID, *, scores_first: bool = False) -> str:
     """Screen a study once. Idempotent: a study already done for this model is left alone.
 
     Returns what happened: 'done', 'rejected', 'failed', 'already-done', 'not-claimable' or 'missing'.
     The study is claimed with a lease (this process, renewed in the background while it
     works); every status change is written to the audit trail as ``worker@host:pid``.
+    ``scores_first`` (someone waits on POST /predict): store the scores before the heatmap
+    is drawn, at the cost of one more database write.
     """
     worker = ensure_lease_keeper(settings)
     screener = get_screener(settings)
@@ -143,7 +145,7 @@ def process_study(settings: Settings, study_id: uuid.UUID) -> str:
                                heatmap_path=None, timings_ms=scored.timings_ms, final=False)
 
     outcome = screener.screen(data, heatmap_to=heatmap_to,
-                              on_scored=publish_scores if settings.heatmaps != "none" else None)
+                              on_scored=publish_scores if scores_first and settings.heatmaps != "none" else None)
     with session_scope(settings.database_url) as session:
         repo.update_study_metadata(session, study_id=study_id, metadata=outcome.metadata)
         if outcome.status == "done":

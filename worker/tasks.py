@@ -27,7 +27,7 @@ def database_unreachable(e: BaseException) -> bool:
 
 
 @app.task(name=SCREEN_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
-def screen_study(self, study_id: str) -> str:
+def screen_study(self, study_id: str, scores_first: bool = False) -> str:
     """Screen one study. Redelivery is safe: a study already done for the active model is
     left alone, and one another live worker holds is not taken (see repo.claim_study).
 
@@ -36,7 +36,7 @@ def screen_study(self, study_id: str) -> str:
     settings = get_settings()
     sid = uuid.UUID(study_id)
     try:
-        outcome = process_study(settings, sid)
+        outcome = process_study(settings, sid, scores_first=scores_first)
     except Exception as e:
         if database_unreachable(e):
             delay = min(60.0, 2.0 ** min(self.request.retries, 6))
