@@ -83,7 +83,6 @@ def bare_forward(checkpoint: Path, device: str, threads: int, batches: list[int]
             rows[(name, b)] = _rate(lambda: screener.forward(x), b, seconds, sync)
     # torch.compile: the same forward (logits + features, AMP on CUDA), compiled.
     try:
-        compiled = Screener(loaded, ScreenOptions(engine="torch", threads=threads))
         model = loaded.model
         compiled_last = torch.compile(model.last_conv, dynamic=False)
         compiled_head = torch.compile(model.from_last_conv, dynamic=False)
@@ -99,7 +98,6 @@ def bare_forward(checkpoint: Path, device: str, threads: int, batches: list[int]
                 f = compiled_last(t)
                 return compiled_head(f), f
 
-        del compiled
         for b in batches:
             x = np.random.default_rng(0).standard_normal((b, meta.in_chans, meta.input_size, meta.input_size),
                                                          dtype=np.float32)

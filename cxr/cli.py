@@ -123,23 +123,25 @@ def gpu_children(spec: str, visible: int) -> list[str]:
     return [str(i) for i in dict.fromkeys(wanted)]
 
 
-def _supervise(procs: dict[str, subprocess.Popen], stop: threading.Event) -> None:
+def _supervise(procs: dict[str, subprocess.Popen], stop: threading.Event, *, grace_seconds: float) -> None:
     """Wait until a signal or until one child exits; then stop every child (SIGTERM: a
-    worker finishes its current batch first) and exit 1 if a child had failed."""
+    worker finishes its current batch first), kill those still running after
+    ``grace_seconds``, and exit 1 if a child had exited by itself."""
     exited = None
     while not stop.is_set() and exited is None:
         exited = next((n for n, p in procs.items() if p.poll() is not None), None)
         stop.wait(0.5)
     if exited:
-        log.error("worker %s exited with code %s; stopping the others", exited, procs[exited].returncode)
+        log.error("%s exited with code %s; stopping the others", exited, procs[exited].returncode)
     for p in procs.values():
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
     for name, p in procs.items():
         try:
-            p.wait(timeout=120)
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            log.warning("worker %s did not stop in time; killing it", name)
+            log.warning("%s did not stop in time; killing it", name)
             p.kill()
     raise typer.Exit(1 if exited else 0)
 
@@ -160,9 +162,10 @@ def _run_gpu_workers(spec: str) -> None:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": dev, "CXR_DEVICE": "cuda"}
         if settings.worker_metrics_port is not None:  # one exporter per process: consecutive ports
             env["CXR_WORKER_METRICS_PORT"] = str(settings.worker_metrics_port + n)
-        procs[dev] = subprocess.Popen([sys.executable, "-m", "cxr", "worker"], env=env, start_new_session=True)
-        log.info("started a worker on GPU %s (pid %d)", dev, procs[dev].pid)
-    _supervise(procs, _stop_on_signals())
+        name = f"the worker on GPU {dev}"
+        procs[name] = subprocess.Popen([sys.executable, "-m", "cxr", "worker"], env=env, start_new_session=True)
+        log.info("started %s (pid %d)", name, procs[name].pid)
+    _supervise(procs, _stop_on_signals(), grace_seconds=120)
 
 
 @app.command()
@@ -285,24 +288,7 @@ def up(
     procs = {name: subprocess.Popen(cmd, env=env, start_new_session=True) for name, cmd in commands.items()}
     typer.echo(f"cxr up: API http://{host}:{port}/docs, inbox {settings.inbox}, data {settings.home}", err=True)
     typer.echo(DISCLAIMER, err=True)
-    stop = _stop_on_signals()
-    exited = None
-    while not stop.is_set() and exited is None:
-        exited = next((n for n, p in procs.items() if p.poll() is not None), None)
-        stop.wait(0.5)
-    if exited:
-        log.error("%s exited with code %s; stopping the others", exited, procs[exited].returncode)
-    for p in procs.values():
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 60
-    for name, p in procs.items():
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in time; killing it", name)
-            p.kill()
-    raise typer.Exit(1 if exited else 0)
+    _supervise(procs, _stop_on_signals(), grace_seconds=60)
 
 
 def _warn_if_open(settings, host: str) -> None:
