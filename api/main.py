@@ -165,7 +165,7 @@ def _wait(settings: Settings, session: Session, study_ids: list[uuid.UUID], *, j
     runs) or finished (rejected, failed, or ``heatmap``: done with its heatmap written);
     504 (with the ids to poll) after CXR_PREDICT_TIMEOUT_SECONDS."""
     deadline = time.monotonic() + settings.predict_timeout_seconds
-    pause = 0.002
+    pause = 0.001
     while True:
         session.rollback()  # a fresh snapshot on every look
         statuses = repo.study_statuses(session, study_ids=study_ids)
@@ -182,7 +182,7 @@ def _wait(settings: Settings, session: Session, study_ids: list[uuid.UUID], *, j
                 detail["job_id"] = str(job_id)
             raise HTTPException(504, detail)
         time.sleep(pause)
-        pause = min(pause * 1.5, 0.01)  # a status SELECT is cheap; 10 ms keeps the answer prompt
+        pause = min(pause * 1.5, 0.0015)  # a status SELECT costs ~0.2 ms: looking every 1.5 ms answers promptly
 
 
 def _prediction(session: Session, ref: Intaken) -> dict[str, Any]:

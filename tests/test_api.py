@@ -213,7 +213,12 @@ def test_worklist_filters_and_pages_in_cli_order(api):
     with api.client() as c:
         c.post("/predict/batch", files=files(*[(f"w{i}.png", png(60 + i)) for i in range(4)],
                                              ("w-small.png", png(69, size=100))))
-        everything = c.get("/worklist", params={"limit": 1000}).json()
+
+        def settled():  # /predict/batch answers with the scores; each study turns done once its heatmap is written
+            body = c.get("/worklist", params={"limit": 1000}).json()
+            return body if not any(s["status"] in ("queued", "processing") for s in body["items"]) else None
+
+        everything = wait_until(settled, timeout=60, describe=api.stack.logs)
         assert everything["next_cursor"] is None
         ids = [s["study_id"] for s in everything["items"]]
         cli = json.loads(cxr("worklist", "--format", "json", "--limit", "0", env=api.env).stdout)

@@ -112,7 +112,7 @@ def process_study(settings: Settings, study_id: uuid.UUID, *, scores_first: bool
         settings.database_url, loaded.sha256, loaded.meta.architecture, tuple(loaded.meta.classes), loaded.meta.version
     )
     with session_scope(settings.database_url) as session:
-        study = repo.get_study(session, study_id=study_id)
+        study = repo.get_study(session, study_id=study_id, with_results=False)
         if study is None:
             log.warning("study %s not found; dropping task", study_id)
             return "missing"

@@ -213,7 +213,11 @@ def link_job_study(session: Session, *, job: Job, study: Study, filename: str, p
     return item
 
 
-def get_study(session: Session, *, study_id: uuid.UUID) -> Study | None:
+def get_study(session: Session, *, study_id: uuid.UUID, with_results: bool = True) -> Study | None:
+    """A study, with its results and their model versions loaded (``with_results=False``:
+    the study's own row only, one query, as a worker about to screen it needs)."""
+    if not with_results:
+        return session.get(Study, study_id)
     return session.get(Study, study_id, options=[selectinload(Study.results).selectinload(Result.model_version)])
 
 
@@ -398,15 +402,13 @@ def record_result(
     two workers finishing the same study (a lease that expired under a slow worker) leave
     one row, the first one written."""
     where = (Result.study_id == study_id, Result.model_version_id == model_version_id)
-    result = session.scalar(select(Result).where(*where))
-    if result is None:
-        insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-        session.execute(insert(Result).values(
-            study_id=study_id, model_version_id=model_version_id, probabilities=probabilities,
-            predicted_class=predicted_class, confidence=float(probabilities[predicted_class]), risk=risk,
-            flagged=flagged, heatmap_path=heatmap_path, timings_ms=timings_ms, created_at=utcnow(),
-        ).on_conflict_do_nothing(index_elements=["study_id", "model_version_id"]))
-        result = session.scalar(select(Result).where(*where).execution_options(populate_existing=True))
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    session.execute(insert(Result).values(
+        study_id=study_id, model_version_id=model_version_id, probabilities=probabilities,
+        predicted_class=predicted_class, confidence=float(probabilities[predicted_class]), risk=risk,
+        flagged=flagged, heatmap_path=heatmap_path, timings_ms=timings_ms, created_at=utcnow(),
+    ).on_conflict_do_nothing(index_elements=["study_id", "model_version_id"]))
+    result = session.scalar(select(Result).where(*where).execution_options(populate_existing=True))
     if result.heatmap_path is None and heatmap_path is not None:
         result.heatmap_path = heatmap_path
         result.timings_ms = timings_ms

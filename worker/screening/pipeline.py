@@ -11,7 +11,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,6 +104,28 @@ def to_model(pixels: np.ndarray, meta: BundleMeta) -> np.ndarray:
     return preprocess(pixels, input_size=meta.input_size, in_chans=meta.in_chans, mean=meta.mean, std=meta.std)
 
 
+class _Once:
+    """A computation run once, by the first thread that calls; the others wait for it and get
+    the same result (or the same exception)."""
+
+    def __init__(self, compute: Callable[[], Any]) -> None:
+        self._compute = compute
+        self._lock = threading.Lock()
+        self._outcome: tuple[bool, Any] | None = None
+
+    def __call__(self) -> Any:
+        with self._lock:
+            if self._outcome is None:
+                try:
+                    self._outcome = (True, self._compute())
+                except Exception as e:
+                    self._outcome = (False, e)
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
+
+
 class Screener:
     """A loaded model plus the steps around it."""
 
@@ -111,7 +135,8 @@ class Screener:
         self.options = options
         self.onnx = None
         # Grad-CAM runs one batch at a time: concurrent backward passes through the shared model
-        # from several worker threads crashed the process here (SIGSEGV). It is cheap (head only).
+        # from several worker threads crashed the process here (SIGSEGV). It is cheap (head only),
+        # and runs in a screening thread while the batcher goes on with the next forward pass.
         self._cam_lock = threading.Lock()
         if options.engine == "onnx":
             from worker.screening.onnx_engine import OnnxEngine
@@ -153,20 +178,27 @@ class Screener:
             if model.splits_at_last_conv:
                 features = model.last_conv(tensor)  # kept for a Grad-CAM without a second pass
                 return model.from_last_conv(features).float(), features.float()
-            return model(tensor).float(), None
+            # A full-model Grad-CAM (computed in another thread) hooks the model's last
+            # convolution: a forward pass must not run through those hooks meanwhile.
+            with self._cam_lock:
+                return model(tensor).float(), None
 
-    def _step(self, x: np.ndarray, want_cam: list[bool]) -> list[tuple[np.ndarray, np.ndarray | None, float]]:
-        """The model's part for a batch: forward, probabilities, and the Grad-CAMs the heatmap
-        policy asks for, in one backward pass through the head for the whole batch.
+    def _step(self, x: np.ndarray, want_cam: list[bool]) -> list[tuple[np.ndarray, Callable | None]]:
+        """The model's part for a batch: the forward pass and probabilities now; the Grad-CAMs
+        the heatmap policy asks for later, in one backward pass through the head for the whole
+        batch, run by the first caller that asks for its map (after storing its scores, say),
+        in its own thread: the batcher goes on with the next batch meanwhile.
 
-        Returns per row: (probabilities, Grad-CAM map (H, W) or None, Grad-CAM ms per map)."""
+        Returns per row (probabilities, None or a call that gives (its Grad-CAM map (H, W),
+        Grad-CAM ms per map of the batch))."""
         logits, features = self.forward(x)
         probs = torch.softmax(logits.float() / self.meta.temperature, dim=1).cpu().numpy().astype(np.float64)
         rows = [p for p in probs]
         need = [i for i, (p, want) in enumerate(zip(rows, want_cam)) if want and self._wants_cam(p)]
-        cams: dict[int, np.ndarray] = {}
-        per_map_ms = 0.0
-        if need:
+        if not need:
+            return [(p, None) for p in rows]
+
+        def compute() -> tuple[dict[int, np.ndarray], float]:
             t = time.perf_counter()
             targets = [int(np.argmax(rows[i])) for i in need]
             model = self.loaded.model
@@ -175,9 +207,15 @@ class Screener:
                     maps = gradcam_from_features(model, features[need], target_classes=targets, size=x.shape[2:])
                 else:
                     maps = [gradcam(model, x[i], target_class=c) for i, c in zip(need, targets)]
-            cams = dict(zip(need, maps))
-            per_map_ms = (time.perf_counter() - t) * 1e3 / len(need)
-        return [(p, cams.get(i), per_map_ms) for i, p in enumerate(rows)]
+            return dict(zip(need, maps)), (time.perf_counter() - t) * 1e3 / len(need)
+
+        cams = _Once(compute)
+
+        def cam_of(i: int) -> tuple[np.ndarray, float]:
+            maps, per_map_ms = cams()
+            return maps[i], per_map_ms
+
+        return [(p, partial(cam_of, i) if i in need else None) for i, p in enumerate(rows)]
 
     def _wants_cam(self, probs: np.ndarray) -> bool:
         if self.options.heatmaps == "all":
@@ -190,10 +228,11 @@ class Screener:
                on_scored: Callable[[Outcome], None] | None = None) -> Outcome:
         """Score one file. Input problems come back as an Outcome, never as an exception.
 
-        The Grad-CAM map (when the heatmap policy wants one and ``heatmap_to`` is given) is
-        computed with the forward pass, batched; drawing and writing it happens here, in the
-        caller's thread, off the model's path. ``on_scored`` is called with the scores before
-        the heatmap is written, so a caller can publish them early."""
+        The Grad-CAM map (when the heatmap policy wants one and ``heatmap_to`` is given) comes
+        from the batch's forward pass (its feature maps) and is computed for the whole batch in
+        one backward pass through the head, in this thread, after ``on_scored``: drawing and
+        writing it stay off the model's path. ``on_scored`` is called with the scores before
+        the map is computed, so a caller can publish them early."""
         t0 = time.perf_counter()
         with self._decoding_lock:
             self._decoding += 1
@@ -208,20 +247,19 @@ class Screener:
                 self._decoding -= 1
         t1 = time.perf_counter()
         want_cam = heatmap_to is not None and self.options.heatmaps != "none"
-        (probs_arr, cam, cam_ms), batch_size = self.run_forward(x[None], want_cam)
+        (probs_arr, cam_of), batch_size = self.run_forward(x[None], want_cam)
         t2 = time.perf_counter()
         probs = {c: float(p) for c, p in zip(self.meta.classes, probs_arr)}
         predicted = max(probs, key=probs.__getitem__)
         risk, flagged = risk_and_flag(probs, self.meta)
         heatmap_path = None
-        cam_share = cam_ms if cam is not None else 0.0  # this study's share of the batch's Grad-CAM
-        timings = {"decode_preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3 - cam_share,
-                   "batch_size": batch_size}
+        timings = {"decode_preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "batch_size": batch_size}
         if on_scored is not None:
             on_scored(Outcome(status="done", probabilities=probs, predicted_class=predicted, risk=risk,
                               flagged=flagged, timings_ms={k: round(v, 2) for k, v in timings.items()},
                               metadata=metadata))
-        if cam is not None:
+        if cam_of is not None:
+            cam, cam_ms = cam_of()  # this study's map, and its share of the batch's Grad-CAM time
             t3 = time.perf_counter()
             heatmap_path = str(save_heatmap(pixels, cam, heatmap_to))
             timings["gradcam"] = cam_ms + (time.perf_counter() - t3) * 1e3
