@@ -211,10 +211,42 @@ def worker(
         pool, concurrency = "threads", settings.max_batch
     else:
         pool = "solo"
-    celery_app.worker_main([
+    _run_celery_worker(celery_app, [
         "worker", f"--loglevel={settings.log_level}", "-Q", settings.queue, f"--concurrency={concurrency}",
         f"--pool={pool}", "-n", f"cxr-{os.getpid()}@%h", "--without-gossip", "--without-mingle",
     ])
+
+
+def _run_celery_worker(celery_app, argv: list[str]) -> None:
+    """Run the Celery worker. If it stops by itself after it was ready, nobody having asked it
+    to (no SIGTERM, SIGINT or SIGQUIT, no remote ``shutdown`` command), it is started again in
+    this same process (same pid, so a supervisor sees no exit) after logging why: a screening
+    worker should not stay down because its broker went away in an unlucky way. A worker
+    that fails before it is ready exits, so a configuration error still fails at once."""
+    from celery.signals import worker_ready, worker_shutting_down
+    from celery.worker.control import Panel
+
+    state: dict[str, object] = {"ready": False, "asked": None}
+    worker_ready.connect(lambda **_: state.update(ready=True), weak=False)
+    worker_shutting_down.connect(lambda sig=None, **_: state.update(asked=sig or "a signal"), weak=False)
+    remote = Panel.data["shutdown"]
+
+    def shutdown(panel_state, **kwargs):  # `celery control shutdown`: asked, remotely
+        state.update(asked="a remote shutdown command")
+        return remote(panel_state, **kwargs)
+
+    Panel.data["shutdown"] = shutdown
+    try:
+        celery_app.worker_main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if state["ready"] and state["asked"] is None:
+        log.error("the Celery worker stopped by itself (exit code %s) without being asked to; starting it again "
+                  "in 2 s", code)
+        time.sleep(2)
+        os.execv(sys.executable, [sys.executable, "-m", "cxr", *sys.argv[1:]])
+    raise SystemExit(code)
 
 
 def _stop_on_signals() -> threading.Event:

@@ -405,6 +405,32 @@ def test_sigterm_lets_the_worker_finish_and_ack_its_batch(tmp_path, tiny_bundle,
         stack.stop()
 
 
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_a_remote_shutdown_command_stops_the_worker_for_good(tmp_path, tiny_bundle, redis_url):
+    """`cxr worker` starts Celery again in place when it stops by itself; one that was asked
+    to stop (here `celery control shutdown`, as an operator or Flower sends it) exits 0 and
+    stays down."""
+    from cxr.queue import make_celery
+    from cxr.settings import Settings
+
+    env = base_env(tmp_path, tiny_bundle, CXR_BROKER_URL=redis_url)
+    stack = new_stack(tmp_path, env)
+    worker = stack.start("worker", "worker")
+    try:
+        wait_ready(stack, "worker")
+        celery = make_celery(Settings(home=tmp_path / "var", broker_url=redis_url, queue=env["CXR_QUEUE"]))
+        name = next(line.split()[-2] for line in (stack.log_dir / "worker.log").read_text().splitlines()
+                    if line.endswith(" ready."))
+        celery.control.shutdown(destination=[name])
+        assert worker.wait(timeout=60) == 0, stack.logs()
+        del stack.procs["worker"]
+        log = (stack.log_dir / "worker.log").read_text()
+        assert "Got shutdown from remote" in log and "starting it again" not in log, log[-3000:]
+    finally:
+        stack.stop()
+
+
 @pytest.mark.timeout(300)
 def test_sigint_stops_cxr_up_cleanly_and_it_resumes(tmp_path, tiny_bundle):
     """Ctrl-C (SIGINT) to `cxr up`: its worker, watcher and API stop cleanly (warm shutdown:
