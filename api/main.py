@@ -472,6 +472,7 @@ def model_info(settings: SettingsDep) -> dict[str, Any]:
         "thresholds": meta.thresholds,
         "operating_points": {cls: {"threshold": t} for cls, t in meta.thresholds.items()},
         "temperature": meta.temperature,
+        "logit_bias": dict(zip(meta.classes, meta.bias)),
         "metrics": meta.extra.get("val_metrics"),
         "split_sizes": meta.extra.get("split_sizes"),
         "data_fingerprint": meta.extra.get("data_fingerprint"),

@@ -3,7 +3,7 @@
 A bundle is one ``.safetensors`` file. Its tensors are the network's weights; its header
 metadata holds (as JSON under the key ``cxr_bundle``) everything needed to rebuild the
 network and feed it: the timm architecture, the head, class names, input size, channels,
-normalisation, temperature and thresholds. Because the safetensors header is plain JSON
+normalisation, calibration (temperature, logit offsets) and thresholds. Because the safetensors header is plain JSON
 after an 8-byte length, the API can read it without importing torch.
 """
 
@@ -45,6 +45,11 @@ class BundleMeta:
     std: list[float] = field(default_factory=lambda: [0.5])
     head: HeadSpec = field(default_factory=HeadSpec)
     temperature: float = 1.0
+    # Per-class offsets added to the logits after the temperature (empty: none):
+    # probabilities = softmax(logits / temperature + logit_bias). Fitted with the temperature
+    # on validation (bias-corrected temperature scaling), they undo the shift in class
+    # priors that class-weighted training leaves and a temperature alone cannot.
+    logit_bias: list[float] = field(default_factory=list)
     thresholds: dict[str, float] = field(default_factory=dict)
     version: str = "0"
     created_at: str = ""
@@ -53,6 +58,11 @@ class BundleMeta:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+    @property
+    def bias(self) -> list[float]:
+        """The logit offsets, one per class (zeros when the bundle has none)."""
+        return [float(b) for b in self.logit_bias] if self.logit_bias else [0.0] * len(self.classes)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BundleMeta":
@@ -69,6 +79,8 @@ class BundleMeta:
             raise BundleError("bundle mean/std must have one value or one per input channel")
         if len(meta.classes) < 2:
             raise BundleError("bundle must name at least two classes")
+        if meta.logit_bias and len(meta.logit_bias) != len(meta.classes):
+            raise BundleError("bundle logit_bias must have one value per class (or none)")
         return meta
 
 

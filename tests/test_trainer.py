@@ -55,6 +55,7 @@ def test_training_writes_a_bundle_the_worker_loads(trained):
     meta = loaded.meta
     assert meta.architecture == "tf_efficientnet_lite0" and meta.input_size == 64 and meta.classes == CLASSES
     assert meta.temperature > 0 and set(meta.thresholds) == {"Tuberculosis"}
+    assert len(meta.logit_bias) == 3 and meta.logit_bias[0] == 0.0  # calibration: temperature+bias
     assert len(meta.extra["data_fingerprint"]) == 64 and len(meta.extra["history"]) == 2
     assert meta.extra["train_config"]["epochs"] == 2
     out = Path(cfg.out)
@@ -84,7 +85,8 @@ def test_predict_matches_trainer_evaluation(trained, tmp_path):
     out = cxr("predict", "--format", "json", "--checkpoint", str(bundle), *paths, env=clean_env())
     for p in json.loads(out.stdout):
         got = [p["probabilities"][c] for c in CLASSES]
-        assert np.allclose(got, evaluated[Path(p["path"]).name], atol=2e-6), p["path"]
+        # `cxr predict` runs onnxruntime, the trainer torch: issue #5 bounds the engines' gap at 1e-4
+        assert np.allclose(got, evaluated[Path(p["path"]).name], atol=1e-5), p["path"]
 
 
 def test_resume_continues_from_last_checkpoint(trained, tmp_path):
@@ -151,6 +153,66 @@ def test_temperature_and_operating_point():
     scores = np.linspace(0.01, 1, 100)
     thr = threshold_for_sensitivity(scores, 0.9)
     assert (scores >= thr).mean() >= 0.9 and (scores > thr).mean() < 0.9
+
+
+def test_bias_corrected_temperature_scaling_undoes_a_prior_shift():
+    """Logits whose class priors were shifted (as class-weighted training does) and made
+    over-confident: the temperature alone cannot move the priors back; temperature plus
+    per-class offsets recovers the shift and a lower negative log-likelihood."""
+    from trainer.calibrate import fit_calibration, nll
+
+    from scipy.special import softmax
+
+    rng = np.random.default_rng(7)
+    clean = rng.normal(scale=2.0, size=(4000, 3)) + np.log([0.6, 0.25, 0.15])
+    y = np.array([rng.choice(3, p=p) for p in softmax(clean, axis=1)])  # calibrated by construction
+    shift = np.array([0.0, 1.0, 1.8])  # minority classes pushed up
+    logits = (clean + shift) * 2.0
+    t_only, zeros = fit_calibration(logits, y, "temperature")
+    t, bias = fit_calibration(logits, y, "temperature+bias")
+    assert zeros == [0.0, 0.0, 0.0] and bias[0] == 0.0
+    assert nll(logits, y, t, bias) < nll(logits, y, t_only) - 0.01
+    assert np.allclose(np.array(bias), -shift, atol=0.35), bias  # the shift, undone
+    assert t == pytest.approx(2.0, rel=0.15)
+    with pytest.raises(ValueError, match="unknown calibration"):
+        fit_calibration(logits, y, "isotonic")
+
+
+def test_calibrate_command_writes_a_new_bundle_with_the_same_weights(trained, tmp_path):
+    """`cxr calibrate` on labelled films: a new bundle (new version) with bit-identical
+    weights, the fitted offsets and operating point, and the worker's probabilities follow
+    it: softmax(logits / T + offsets) of the network's own logits."""
+    from safetensors.torch import load_file
+
+    from trainer.calibrate import calibrated_probs
+    from trainer.config import DataConfig
+    from trainer.recalibrate import raw_logits
+    from worker.screening.model import load_bundle
+    from worker.screening.pipeline import ScreenOptions, Screener
+
+    cfg, bundle = trained
+    val = str(Path(cfg.out) / "val.csv")
+    out = tmp_path / "calibrated.safetensors"
+    r = cxr("calibrate", "--checkpoint", str(bundle), "--data", val, "--out", str(out), "--target",
+            "Pneumonia=0.8", env=clean_env())
+    assert "negative log-likelihood" in r.stdout and "Pneumonia threshold" in r.stdout
+    old, new = read_meta(bundle), read_meta(out)
+    assert new.version != old.version and new.extra["calibration"]["from_version"] == old.version
+    assert set(new.thresholds) == {"Pneumonia"} and len(new.logit_bias) == 3 and new.logit_bias[0] == 0.0
+    a, b = load_file(str(bundle)), load_file(str(out))
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].equal(b[k]) for k in a)
+
+    loaded = load_bundle(out)
+    samples = __import__("trainer.data", fromlist=["read_samples"]).read_samples(DataConfig(source=val), CLASSES)
+    logits, kept = raw_logits(loaded, samples[:4])
+    want = calibrated_probs(logits, new.temperature, new.bias)
+    screener = Screener(loaded, ScreenOptions(engine="torch", heatmaps="none"))
+    got = [[screener.screen(s.path.read_bytes()).probabilities[c] for c in CLASSES] for s in kept]
+    assert np.allclose(got, want, atol=1e-5)
+
+    bad = cxr("calibrate", "--checkpoint", str(bundle), "--data", val, "--out", str(tmp_path / "x.safetensors"),
+              "--target", "Cancer=0.9", env=clean_env(), check=False)
+    assert bad.returncode == 2 and "no such class" in bad.stderr
 
 
 def test_kaggle_archive_normalisation(tmp_path):

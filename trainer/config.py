@@ -59,6 +59,9 @@ class TrainConfig:
     threads: int = 0  # 0 = all cores
     device: str = "auto"  # auto | cpu | cuda
     target_sensitivity: dict[str, float] = field(default_factory=lambda: {"Tuberculosis": 0.90})
+    # Fitted on validation after training: "temperature" (Guo et al. 2017) or
+    # "temperature+bias" (plus per-class logit offsets, which undo the class-weighting prior shift).
+    calibration: str = "temperature+bias"
     out: str = "runs/latest"
     half_weights: bool = True  # store fp16 weights in the bundle
     version: str = ""
@@ -87,6 +90,10 @@ def _build(cls, values: dict[str, Any]):
 def load_config(path: Path | None, **overrides: Any) -> TrainConfig:
     values = yaml.safe_load(path.read_text()) if path else {}
     cfg = _build(TrainConfig, values or {})
+    from trainer.calibrate import METHODS
+
+    if cfg.calibration not in METHODS:
+        raise ValueError(f"calibration: {cfg.calibration!r} is not one of {', '.join(METHODS)}")
     for k, v in overrides.items():
         if v is None:
             continue

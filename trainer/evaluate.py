@@ -46,10 +46,10 @@ def score(loaded: LoadedModel, samples: list[Sample], *, batch: int = 32) -> tup
         xs.append(x)
         kept.append(s)
         if len(xs) == batch:
-            probs.append(infer(loaded.model, np.stack(xs), temperature=meta.temperature))
+            probs.append(infer(loaded.model, np.stack(xs), temperature=meta.temperature, bias=meta.bias))
             xs = []
     if xs:
-        probs.append(infer(loaded.model, np.stack(xs), temperature=meta.temperature))
+        probs.append(infer(loaded.model, np.stack(xs), temperature=meta.temperature, bias=meta.bias))
     return np.concatenate(probs), kept
 
 
@@ -63,7 +63,8 @@ def evaluate(checkpoint: Path, data: DataConfig, out: Path, *, bootstrap: int = 
     metrics = classification_metrics(y, probs, classes, thresholds=loaded.meta.thresholds or None,
                                      bootstrap=bootstrap)
     metrics["checkpoint"] = {"path": str(checkpoint), "sha256": loaded.sha256, "version": loaded.meta.version,
-                             "architecture": loaded.meta.architecture, "temperature": loaded.meta.temperature}
+                             "architecture": loaded.meta.architecture, "temperature": loaded.meta.temperature,
+                             "logit_bias": loaded.meta.bias}
     metrics["data"] = {"source": data.source, "n_listed": len(samples), "n_scored": len(kept)}
     by_source: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(kept):
@@ -192,7 +193,8 @@ def summary_markdown(m: dict[str, Any], classes: list[str]) -> str:
         "# Evaluation summary", "",
         f"> {DISCLAIMER}", "",
         f"- checkpoint: `{m['checkpoint']['path']}` (sha256 `{m['checkpoint']['sha256'][:12]}`, "
-        f"{m['checkpoint']['architecture']}, temperature {m['checkpoint']['temperature']:.3f})",
+        f"{m['checkpoint']['architecture']}, temperature {m['checkpoint']['temperature']:.3f}, "
+        f"logit offsets {', '.join(f'{b:+.3f}' for b in m['checkpoint'].get('logit_bias') or [])})",
         f"- data: `{m['data']['source']}`, {m['data']['n_scored']} images scored of {m['data']['n_listed']}", "",
         "| metric | value |", "|---|---|",
         f"| accuracy | {m['accuracy']:.3f} |",

@@ -2,7 +2,7 @@
 
 decode+resize once (worker code) -> split by patient/group -> head-only epochs -> full
 fine-tune with AdamW + warm-up/cosine -> early stopping on validation macro AUC ->
-temperature + operating points on validation -> bundle (worker's save_bundle).
+temperature + logit offsets + operating points on validation -> bundle (worker's save_bundle).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cxr.bundle import BundleMeta
-from trainer.calibrate import fit_temperature, thresholds_for_sensitivity
+from trainer.calibrate import calibrated_probs, fit_calibration, thresholds_for_sensitivity
 from trainer.config import TrainConfig, save_config
 from trainer.data import CachedImages, Sample, fingerprint, load_images, read_samples, split_by_group
 from trainer.metrics import classification_metrics
@@ -196,11 +196,11 @@ def train(cfg: TrainConfig, *, resume: Path | None = None) -> Path:
 
     model.load_state_dict(best_state)
     val_logits = predict_logits(model, val_loader, device)
-    temperature = fit_temperature(val_logits, np.array(va_y))
-    val_probs = softmax(val_logits, temperature)
+    temperature, bias = fit_calibration(val_logits, np.array(va_y), cfg.calibration)
+    val_probs = calibrated_probs(val_logits, temperature, bias)
     thresholds = thresholds_for_sensitivity(np.array(va_y), val_probs, cfg.classes, cfg.target_sensitivity)
     val_metrics = classification_metrics(np.array(va_y), val_probs, cfg.classes, thresholds=thresholds, bootstrap=0)
-    meta = replace(meta, temperature=temperature, thresholds=thresholds, extra={
+    meta = replace(meta, temperature=temperature, logit_bias=bias, thresholds=thresholds, extra={
         "train_config": cfg.to_dict(),
         "data_fingerprint": fingerprint(samples, cfg.classes),
         "split_sizes": {k: len(v) for k, v in splits.items()},
@@ -210,8 +210,8 @@ def train(cfg: TrainConfig, *, resume: Path | None = None) -> Path:
     })
     bundle = save_bundle(out / "model.safetensors", model.cpu(), meta, half=cfg.half_weights)
     (out / "val_metrics.json").write_text(json.dumps(val_metrics, indent=2))
-    log.info("wrote %s (temperature %.3f, thresholds %s, val macro AUC %.4f)", bundle, temperature, thresholds,
-             val_metrics["macro_auc"])
+    log.info("wrote %s (temperature %.3f, logit offsets %s, thresholds %s, val macro AUC %.4f)", bundle,
+             temperature, [round(b, 3) for b in bias], thresholds, val_metrics["macro_auc"])
     if cfg.half_weights:
         load_bundle(bundle)  # the fp16 bundle must load back into the worker's network
     return bundle

@@ -22,6 +22,7 @@ from cxr.bundle import BundleMeta
 from worker.screening.decode import ImageDecodeError, VoiOptions, decode, decode_pixels, open_image
 from worker.screening.explain import gradcam, gradcam_from_features, save_heatmap
 from worker.screening.gate import GateRules, Rejection, check_header, check_image, status_for
+from worker.screening.infer import calibrated
 from worker.screening.model import LoadedModel
 from worker.screening.preprocess import preprocess
 
@@ -192,7 +193,7 @@ class Screener:
         Returns per row (probabilities, None or a call that gives (its Grad-CAM map (H, W),
         Grad-CAM ms per map of the batch))."""
         logits, features = self.forward(x)
-        probs = torch.softmax(logits.float() / self.meta.temperature, dim=1).cpu().numpy().astype(np.float64)
+        probs = calibrated(logits, temperature=self.meta.temperature, bias=self.meta.bias)
         rows = [p for p in probs]
         need = [i for i, (p, want) in enumerate(zip(rows, want_cam)) if want and self._wants_cam(p)]
         if not need:
