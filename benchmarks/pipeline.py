@@ -315,8 +315,9 @@ def main() -> int:
         print("\n".join(out), file=sys.stderr, flush=True)  # progress; the whole table follows at the end
 
     extra_rows: list[str] = []
+    decode = None
     if "decode" not in skip:
-        rate, cores = decode_ceiling(files, args.checkpoint)
+        decode = rate, cores = decode_ceiling(files, args.checkpoint)
         extra_rows.append(f"| decode ceiling (decode + preprocess, {cores} processes) | {rate:.1f} | | |")
     if "predict" not in skip:
         extra_rows.append(f"| `cxr predict` (in-process, default settings, heatmaps none) | "
@@ -347,6 +348,17 @@ def main() -> int:
         if none and all_:
             out.append(f"- {kind}: heatmaps all costs {none['studies_s'] / all_['studies_s']:.2f} x heatmaps none "
                        f"(time per study)")
+    if decode and best_forward and not cuda:
+        # Derived, not measured: every study must be decoded and go through the model, and on the
+        # CPU both take core time. With C cores, decode costs C / (decode ceiling) core-seconds per
+        # study and the fastest forward 1 / rate * threads; no pipeline can beat C over their sum,
+        # whatever its intake, queue and database cost (which come on top).
+        rate, cores = decode
+        per_study = cores / rate + args.threads / best_forward[1]
+        bound = cores / per_study
+        out.append(f"- bound from core time alone (derived from the rows above, not measured): {cores} cores / "
+                   f"({cores / rate * 1e3:.1f} ms decode + {args.threads / best_forward[1] * 1e3:.1f} ms forward per "
+                   f"study) = {bound:.1f} studies/s = **{bound / best_forward[1]:.2f}** x the fastest bare forward")
     if args.soak:
         soak_files = generate(args.soak, 512) if not args.images else files
         r = run_pipeline(soak_files, {"CXR_HEATMAPS": "all"}, distributed=None, device=args.device,

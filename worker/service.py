@@ -73,13 +73,31 @@ def _screener(checkpoint: str, device: str, torch_threads: int, options):
     return Screener(load_bundle(Path(checkpoint), device=device), options)
 
 
+# How long a worker process trusts its last look at which bundle is active.
+BUNDLE_RECHECK_SECONDS = 2.0
+_resolved: dict[tuple[str, str], tuple[float, Path | None]] = {}
+
+
+def _active_bundle(settings: Settings) -> Path | None:
+    """resolve_bundle, looked up at most every BUNDLE_RECHECK_SECONDS per process (it is a
+    database query; a worker asks for every study)."""
+    key = (settings.database_url, str(settings.checkpoint))
+    now = time.monotonic()
+    hit = _resolved.get(key)
+    if hit is not None and now - hit[0] < BUNDLE_RECHECK_SECONDS:
+        return hit[1]
+    path = resolve_bundle(settings)
+    _resolved[key] = (now, path)
+    return path
+
+
 def get_screener(settings: Settings):
     """The process's screener, loaded on first use (never at import, never before a fork).
 
-    The bundle is resolved on every call (CXR_CHECKPOINT, else the active version in the
-    database, else the shipped default), so `cxr model activate` takes effect on the next
-    study without a restart; the loaded model is cached per bundle."""
-    ckpt = resolve_bundle(settings)
+    The bundle is resolved again every couple of seconds (CXR_CHECKPOINT, else the active
+    version in the database, else the shipped default), so `cxr model activate` takes effect
+    within BUNDLE_RECHECK_SECONDS without a restart; the loaded model is cached per bundle."""
+    ckpt = _active_bundle(settings)
     if ckpt is None:
         raise NoBundleError(NO_BUNDLE_HELP)
     with _load_lock:  # a threads pool must not load the same model twice

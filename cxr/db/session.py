@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -38,15 +40,27 @@ def session_factory(database_url: str) -> sessionmaker[Session]:
     return _sessionmaker(database_url)
 
 
+@lru_cache
+def _sqlite_turns(database_url: str) -> threading.RLock:
+    return threading.RLock()
+
+
 @contextmanager
 def session_scope(database_url: str) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error."""
-    session = session_factory(database_url)()
-    try:
-        yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
+    """A short unit of work: a session that commits on success and rolls back on error.
+
+    On SQLite, one such session at a time per process: SQLite has a single writer, and
+    threads that find it busy sleep in its busy handler (1, 2, 5, 10... ms), so a worker's
+    threads queued on one another through SQLite rather than taking turns; a lock here hands
+    the database over at once. (Other processes still wait through busy_timeout.)"""
+    turn = _sqlite_turns(database_url) if database_url.startswith("sqlite") else contextlib.nullcontext()
+    with turn:
+        session = session_factory(database_url)()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()

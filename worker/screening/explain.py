@@ -92,18 +92,31 @@ def _to_u8(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (np.clip(resized, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+# The same table for OpenCV (BGR, 256 x 1 x 3): cv2.applyColorMap colours a 512 px map in
+# ~0.1 ms where numpy's table lookup takes ~2 ms.
+_JET_LUT_BGR = np.ascontiguousarray(JET_LUT[:, ::-1].reshape(256, 1, 3))
+
+
+def _overlay_bgr(pixels: np.ndarray, cam: np.ndarray, alpha: float) -> np.ndarray:
+    size = _overlay_size(pixels.shape)
+    base = cv2.cvtColor(_to_u8(pixels, size), cv2.COLOR_GRAY2BGR)
+    heat = cv2.applyColorMap(_to_u8(cam, size), _JET_LUT_BGR)
+    return cv2.addWeighted(base, 1.0 - alpha, heat, alpha, 0.0)
+
+
+def _heatmap_bgr(cam: np.ndarray) -> np.ndarray:
+    return cv2.applyColorMap(_to_u8(cam, (cam.shape[1], cam.shape[0])), _JET_LUT_BGR)
+
+
 def overlay_rgb(pixels: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4) -> np.ndarray:
     """The heatmap blended over the radiograph, (h, w, 3) uint8, at up to 512 px on the long side."""
-    size = _overlay_size(pixels.shape)
-    base = _to_u8(pixels, size)
-    heat = JET_LUT[_to_u8(cam, size)]
-    return cv2.addWeighted(np.repeat(base[..., None], 3, axis=2), 1.0 - alpha, heat, alpha, 0.0)
+    return np.ascontiguousarray(_overlay_bgr(pixels, cam, alpha)[..., ::-1])
 
 
 def heatmap_rgb(cam: np.ndarray) -> np.ndarray:
     """The heatmap alone in jet colours, (h, w, 3) uint8, at the map's own resolution (the
     model's input size): it is smooth, so a viewer scales it up without loss."""
-    return JET_LUT[_to_u8(cam, (cam.shape[1], cam.shape[0]))]
+    return np.ascontiguousarray(_heatmap_bgr(cam)[..., ::-1])
 
 
 def render_overlay(pixels: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4) -> Image.Image:
@@ -127,19 +140,28 @@ def _write_atomic(data: bytes, dest: Path) -> None:
     tmp.replace(dest)  # a reader never sees half a file
 
 
+def _encode_bgr(bgr: np.ndarray, ext: str, params: list[int]) -> bytes:
+    ok, buf = cv2.imencode(ext, bgr, params)
+    if not ok:
+        raise OSError(f"OpenCV could not encode a {ext[1:].upper()}")
+    return buf.tobytes()
+
+
+def _png_bgr(bgr: np.ndarray) -> bytes:
+    return _encode_bgr(bgr, ".png", [cv2.IMWRITE_PNG_COMPRESSION, 1])
+
+
+def _jpeg_bgr(bgr: np.ndarray, quality: int = OVERLAY_JPEG_QUALITY) -> bytes:
+    return _encode_bgr(bgr, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, quality])
+
+
 def encode_png(rgb: np.ndarray) -> bytes:
     """RGB uint8 -> PNG bytes (OpenCV: faster than Pillow here, and it releases the GIL)."""
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    if not ok:
-        raise OSError("OpenCV could not encode a PNG")
-    return buf.tobytes()
+    return _png_bgr(np.ascontiguousarray(rgb[..., ::-1]))
 
 
 def encode_jpeg(rgb: np.ndarray, *, quality: int = OVERLAY_JPEG_QUALITY) -> bytes:
-    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise OSError("OpenCV could not encode a JPEG")
-    return buf.tobytes()
+    return _jpeg_bgr(np.ascontiguousarray(rgb[..., ::-1]), quality)
 
 
 def save_heatmap(pixels: np.ndarray, cam: np.ndarray, path: Path) -> Path:
@@ -150,8 +172,8 @@ def save_heatmap(pixels: np.ndarray, cam: np.ndarray, path: Path) -> Path:
     a PNG of the same picture takes 20-40 ms, which was most of a heatmap's cost. The API
     serves it as PNG on request. The bare map is small and smooth, so it stays a PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(encode_png(heatmap_rgb(cam)), heatmap_only_path(path))
-    overlay = overlay_rgb(pixels, cam)
+    _write_atomic(_png_bgr(_heatmap_bgr(cam)), heatmap_only_path(path))  # OpenCV's own BGR order: no copies
+    overlay = _overlay_bgr(pixels, cam, 0.4)
     jpeg = path.suffix.lower() in (".jpg", ".jpeg")
-    _write_atomic(encode_jpeg(overlay) if jpeg else encode_png(overlay), path)
+    _write_atomic(_jpeg_bgr(overlay) if jpeg else _png_bgr(overlay), path)
     return path
