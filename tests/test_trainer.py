@@ -186,7 +186,7 @@ def test_calibrate_command_writes_a_new_bundle_with_the_same_weights(trained, tm
 
     from trainer.calibrate import calibrated_probs
     from trainer.config import DataConfig
-    from trainer.recalibrate import raw_logits
+    from trainer.evaluate import raw_logits
     from worker.screening.model import load_bundle
     from worker.screening.pipeline import ScreenOptions, Screener
 

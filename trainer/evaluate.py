@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -26,31 +27,45 @@ from trainer.data import Sample, read_samples  # noqa: E402
 from trainer.metrics import classification_metrics  # noqa: E402
 from worker.screening.decode import ImageDecodeError  # noqa: E402
 from worker.screening.explain import gradcam, render_overlay  # noqa: E402
-from worker.screening.infer import infer  # noqa: E402
+from worker.screening.infer import calibrated  # noqa: E402
 from worker.screening.model import LoadedModel, load_bundle  # noqa: E402
 from worker.screening.pipeline import model_input  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
-def score(loaded: LoadedModel, samples: list[Sample], *, batch: int = 32) -> tuple[np.ndarray, list[Sample]]:
-    """Probabilities for every readable sample, batched, with the worker's decode/preprocess/infer."""
-    meta = loaded.meta
-    probs, kept, xs = [], [], []
+def raw_logits(loaded: LoadedModel, samples: list[Sample], *, batch: int = 32) -> tuple[np.ndarray, list[Sample]]:
+    """The network's logits (before any calibration) for every readable sample, through the
+    worker's decode and preprocess."""
+    out, kept, xs = [], [], []
+
+    def run() -> None:
+        with torch.inference_mode():
+            out.append(loaded.model(torch.from_numpy(np.stack(xs)).to(loaded.device)).float().cpu().numpy())
+        xs.clear()
+
     for s in tqdm(samples, desc="scoring", unit="img", leave=False):
         try:
-            _, x, _ = model_input(s.path.read_bytes(), meta, max_pixels=80_000_000)
+            _, x, _ = model_input(s.path.read_bytes(), loaded.meta, max_pixels=80_000_000)
         except (ImageDecodeError, OSError) as e:
             log.warning("skipping %s: %s", s.path.name, e)
             continue
         xs.append(x)
         kept.append(s)
         if len(xs) == batch:
-            probs.append(infer(loaded.model, np.stack(xs), temperature=meta.temperature, bias=meta.bias))
-            xs = []
+            run()
     if xs:
-        probs.append(infer(loaded.model, np.stack(xs), temperature=meta.temperature, bias=meta.bias))
-    return np.concatenate(probs), kept
+        run()
+    if not kept:
+        raise ValueError("no readable labelled image to calibrate on")
+    return np.concatenate(out).astype(np.float64), kept
+
+
+def score(loaded: LoadedModel, samples: list[Sample], *, batch: int = 32) -> tuple[np.ndarray, list[Sample]]:
+    """Probabilities for every readable sample, with the worker's decode, preprocess and
+    calibration (softmax(logits / T + offsets), as Screener computes them)."""
+    logits, kept = raw_logits(loaded, samples, batch=batch)
+    return calibrated(torch.from_numpy(logits), temperature=loaded.meta.temperature, bias=loaded.meta.bias), kept
 
 
 def evaluate(checkpoint: Path, data: DataConfig, out: Path, *, bootstrap: int = 1000, cam_per_class: int = 3) -> dict:

@@ -14,47 +14,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from cxr.bundle import META_KEY
 from trainer.calibrate import calibrated_probs, fit_calibration, nll, thresholds_for_sensitivity
 from trainer.config import DataConfig
-from trainer.data import Sample, read_samples
+from trainer.data import read_samples
+from trainer.evaluate import raw_logits
 from trainer.metrics import classification_metrics
-from worker.screening.decode import ImageDecodeError
-from worker.screening.model import LoadedModel, load_bundle
-from worker.screening.pipeline import model_input
+from worker.screening.model import load_bundle
 
 log = logging.getLogger(__name__)
-
-
-def raw_logits(loaded: LoadedModel, samples: list[Sample], *, batch: int = 32) -> tuple[np.ndarray, list[Sample]]:
-    """The network's logits (before any calibration) for every readable sample, through the
-    worker's decode and preprocess."""
-    out, kept, xs = [], [], []
-
-    def run() -> None:
-        with torch.inference_mode():
-            out.append(loaded.model(torch.from_numpy(np.stack(xs)).to(loaded.device)).float().cpu().numpy())
-        xs.clear()
-
-    for s in tqdm(samples, desc="scoring", unit="img", leave=False):
-        try:
-            _, x, _ = model_input(s.path.read_bytes(), loaded.meta, max_pixels=80_000_000)
-        except (ImageDecodeError, OSError) as e:
-            log.warning("skipping %s: %s", s.path.name, e)
-            continue
-        xs.append(x)
-        kept.append(s)
-        if len(xs) == batch:
-            run()
-    if xs:
-        run()
-    if not kept:
-        raise ValueError("no readable labelled image to calibrate on")
-    return np.concatenate(out).astype(np.float64), kept
 
 
 def recalibrate(checkpoint: Path, data: DataConfig, out: Path, *, method: str = "temperature+bias",
