@@ -166,6 +166,9 @@ def _wait(settings: Settings, session: Session, study_ids: list[uuid.UUID], *, j
     504 (with the ids to poll) after CXR_PREDICT_TIMEOUT_SECONDS."""
     deadline = time.monotonic() + settings.predict_timeout_seconds
     pause = 0.001
+    # Being claimed, decoded, screened and stored takes a study longer than this (about 15 ms
+    # here): looking earlier finds nothing and only takes CPU from the worker.
+    time.sleep(0.006)
     while True:
         session.rollback()  # a fresh snapshot on every look
         statuses = repo.study_statuses(session, study_ids=study_ids)
