@@ -13,14 +13,17 @@ from scipy.special import log_softmax, softmax
 METHODS = ("temperature", "temperature+bias")
 
 
+def _scaled(logits: np.ndarray, temperature: float, bias: Sequence[float] | None) -> np.ndarray:
+    return logits / temperature + (np.asarray(bias, dtype=np.float64) if bias is not None else 0.0)
+
+
 def nll(logits: np.ndarray, y: np.ndarray, temperature: float, bias: Sequence[float] | None = None) -> float:
-    z = logits / temperature + (np.asarray(bias, dtype=np.float64) if bias is not None else 0.0)
-    return float(-log_softmax(z, axis=1)[np.arange(len(y)), y].mean())
+    return float(-log_softmax(_scaled(logits, temperature, bias), axis=1)[np.arange(len(y)), y].mean())
 
 
 def calibrated_probs(logits: np.ndarray, temperature: float, bias: Sequence[float] | None = None) -> np.ndarray:
     """softmax(logits / temperature + bias): what the worker computes from a bundle."""
-    return softmax(logits / temperature + (np.asarray(bias, dtype=np.float64) if bias is not None else 0.0), axis=1)
+    return softmax(_scaled(logits, temperature, bias), axis=1)
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:

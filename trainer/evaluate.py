@@ -57,7 +57,7 @@ def raw_logits(loaded: LoadedModel, samples: list[Sample], *, batch: int = 32) -
     if xs:
         run()
     if not kept:
-        raise ValueError("no readable labelled image to calibrate on")
+        raise ValueError("no readable labelled image in the data")
     return np.concatenate(out).astype(np.float64), kept
 
 

@@ -82,13 +82,6 @@ def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device) -
     return torch.cat(out).numpy().astype(np.float64)
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def lr_factor(step: int, *, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -177,7 +170,7 @@ def train(cfg: TrainConfig, *, resume: Path | None = None) -> Path:
             loss_sum += loss.item() * len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
         elapsed = time.perf_counter() - t0
-        val_probs = softmax(predict_logits(model, val_loader, device))
+        val_probs = calibrated_probs(predict_logits(model, val_loader, device), 1.0)
         m = classification_metrics(np.array(va_y), val_probs, cfg.classes, bootstrap=0)
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "val_macro_auc": m["macro_auc"],
                         "val_accuracy": m["accuracy"], "images_per_s": seen / elapsed})

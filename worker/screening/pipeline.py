@@ -194,7 +194,7 @@ class Screener:
         Grad-CAM ms per map of the batch))."""
         logits, features = self.forward(x)
         probs = calibrated(logits, temperature=self.meta.temperature, bias=self.meta.bias)
-        rows = [p for p in probs]
+        rows = list(probs)
         need = [i for i, (p, want) in enumerate(zip(rows, want_cam)) if want and self._wants_cam(p)]
         if not need:
             return [(p, None) for p in rows]
