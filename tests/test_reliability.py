@@ -367,12 +367,16 @@ def test_soak_1000_files_with_a_corrupt_one_every_50th(tmp_path, tiny_bundle, po
 @pytest.mark.timeout(300)
 def test_sigterm_lets_the_worker_finish_and_ack_its_batch(tmp_path, tiny_bundle, postgres_url, redis_url):
     """SIGTERM while a worker holds a batch of 10 (threads pool, all claimed): Celery's warm
-    shutdown finishes those 10, acknowledges them and exits 0; the other 15 stay queued in
-    Redis, none half-done, and a new worker screens them."""
+    shutdown finishes those 10, acknowledges them and exits 0; none is left half-done or
+    unacknowledged, and a new worker screens them and 15 more.
+
+    The batch is held for certain: a pool of 11 (CXR_MAX_BATCH=11) gets 10 studies, so the
+    batcher (CXR_BATCH_EAGER off) waits CXR_MAX_WAIT_MS=5000 for an 11th that never comes.
+    (With a full batch, a fast worker screened it in less time than one look at the database.)"""
     import redis
 
     env = base_env(tmp_path, tiny_bundle, CXR_DATABASE_URL=postgres_url, CXR_BROKER_URL=redis_url,
-                   CXR_MAX_BATCH="10", CXR_MAX_WAIT_MS="3000", CXR_BATCH_EAGER="false")
+                   CXR_MAX_BATCH="11", CXR_MAX_WAIT_MS="5000", CXR_BATCH_EAGER="false")
     cxr("db", "upgrade", env=env)
     stack = new_stack(tmp_path, env)
     first = stack.start("worker1", "worker")
@@ -386,16 +390,21 @@ def test_sigterm_lets_the_worker_finish_and_ack_its_batch(tmp_path, tiny_bundle,
         settings = Settings(home=tmp_path / "var", database_url=postgres_url, broker_url=redis_url,
                             queue=env["CXR_QUEUE"])
         celery = make_celery(settings)
-        for f in films(tmp_path / "films", 25):
+        all25 = films(tmp_path / "films", 25)
+        batch, later = all25[:10], all25[10:]
+        for f in batch:
             register(settings, celery, stored=put_file(settings.store_dir, f), filename=f.name, source="api")
         wait_until(lambda: status_counts(postgres_url).get("processing", 0) == 10, timeout=60, interval=0.05,
                    describe=stack.logs)
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=90) == 0, stack.logs()
         del stack.procs["worker1"]
-        assert status_counts(postgres_url) == {"done": 10, "queued": 15}
+        assert status_counts(postgres_url) == {"done": 10}
         unacked = [json.loads(v) for v in redis.Redis.from_url(redis_url).hvals("unacked")]
         assert not [m for m in unacked if m[-1] == env["CXR_QUEUE"]]  # nothing of ours left unacknowledged
+        for f in later:
+            register(settings, celery, stored=put_file(settings.store_dir, f), filename=f.name, source="api")
+        assert status_counts(postgres_url) == {"done": 10, "queued": 15}
 
         stack.start("worker2", "worker")
         wait_all_finished(postgres_url, 25, stack, timeout=120)
