@@ -106,14 +106,14 @@ def wait_ready(stack: Stack, name: str, timeout: float = 120) -> None:
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_sigkill_worker_holding_a_batch_of_50(tmp_path, tiny_bundle, postgres_url, redis_url):
-    """A worker holds a batch of 50: a threads pool of 50 (CXR_MAX_BATCH=50) has taken 50
+    """A worker holds a batch of 50: a threads pool of 51 (CXR_MAX_BATCH=51) has taken the 50
     tasks (unacknowledged, acks_late) and claimed all 50 studies, which wait in the
-    micro-batcher for one forward pass (CXR_BATCH_EAGER off and a long CXR_MAX_WAIT_MS, so
-    the batch waits to fill up rather than running whatever has been decoded). It
+    micro-batcher for one forward pass (CXR_BATCH_EAGER off and a long CXR_MAX_WAIT_MS: the
+    batch waits for a 51st study that never comes, so it is held for certain). It
     is SIGKILLed there. Its leases expire, the reaper (in the watcher) re-queues the 50,
     a new worker screens them: each is done once, and its history says so."""
     env = base_env(tmp_path, tiny_bundle, CXR_DATABASE_URL=postgres_url, CXR_BROKER_URL=redis_url,
-                   CXR_MAX_BATCH="50", CXR_MAX_WAIT_MS="3000", CXR_BATCH_EAGER="false")
+                   CXR_MAX_BATCH="51", CXR_MAX_WAIT_MS="3000", CXR_BATCH_EAGER="false")
     cxr("db", "upgrade", env=env)
     stack = new_stack(tmp_path, env)
     first = stack.start("worker1", "worker")
