@@ -63,6 +63,7 @@ def test_training_writes_a_bundle_the_worker_loads(trained):
     assert meta.extra["train_config"]["epochs"] == 2
     out = Path(cfg.out)
     assert (out / "config.yaml").exists() and (out / "test.csv").exists()
+    assert (out / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # No group (file) appears in two splits.
     rows = list(csv.DictReader((out / "splits.csv").open()))
     split_of = {}

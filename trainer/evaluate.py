@@ -131,6 +131,31 @@ def plot_roc(y, probs, classes, metrics, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_history(history: list[dict[str, Any]], path: Path, *, head_epochs: int = 0) -> None:
+    """Training loss and validation macro AUC / accuracy per epoch; the kept epoch is marked."""
+    epochs = [h["epoch"] for h in history]
+    auc = [h["val_macro_auc"] for h in history]
+    best = epochs[int(np.argmax(auc))]
+    fig, loss_ax = plt.subplots(figsize=(6.5, 4))
+    if head_epochs:
+        loss_ax.axvspan(0.5, head_epochs + 0.5, color="0.92", label="head only")
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], "o-", color="tab:grey", label="train loss")
+    loss_ax.set(xlabel="epoch", ylabel="train loss (label-smoothed CE)")
+    val_ax = loss_ax.twinx()
+    val_ax.plot(epochs, auc, "o-", color="tab:blue", label="val macro AUC")
+    val_ax.plot(epochs, [h["val_accuracy"] for h in history], "s--", color="tab:orange", label="val accuracy")
+    val_ax.axvline(best, color="tab:blue", lw=0.8, ls=":")
+    val_ax.annotate(f"kept: epoch {best}", (best, max(auc)), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    acc = [h["val_accuracy"] for h in history]
+    val_ax.set(ylabel="validation", ylim=(max(0.0, min(auc + acc) - 0.05), 1.0))
+    handles = [h for ax in (loss_ax, val_ax) for h in ax.get_legend_handles_labels()[0]]
+    val_ax.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)
+    loss_ax.set_title("Training history")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_confusion(cm: np.ndarray, classes, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
     ax.imshow(cm, cmap="Blues")

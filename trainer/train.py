@@ -28,6 +28,7 @@ from cxr.bundle import BundleMeta
 from trainer.calibrate import calibrated_probs, fit_calibration, thresholds_for_sensitivity
 from trainer.config import TrainConfig, save_config
 from trainer.data import CachedImages, Sample, fingerprint, load_images, read_samples, split_by_group
+from trainer.evaluate import plot_history
 from trainer.metrics import classification_metrics
 from worker.screening.model import CxrNet, build_model, load_bundle, save_bundle
 
@@ -211,6 +212,7 @@ def train(cfg: TrainConfig, *, resume: Path | None = None) -> Path:
     })
     bundle = save_bundle(out / "model.safetensors", model.cpu(), meta, half=cfg.half_weights)
     (out / "val_metrics.json").write_text(json.dumps(val_metrics, indent=2))
+    plot_history(history, out / "history.png", head_epochs=min(cfg.head_epochs, cfg.epochs))
     log.info("wrote %s (temperature %.3f, logit offsets %s, thresholds %s, val macro AUC %.4f)", bundle,
              temperature, [round(b, 3) for b in bias], thresholds, val_metrics["macro_auc"])
     if cfg.half_weights:
