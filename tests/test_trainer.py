@@ -46,7 +46,7 @@ def trained(tmp_path_factory):
     })
     cfg.head_epochs, cfg.warmup_epochs, cfg.batch_size, cfg.threads = 1, 1, 16, 1
     cfg.target_sensitivity = {"Tuberculosis": 0.9}
-    cfg.ema_decay = 0.998
+    cfg.ema_decay, cfg.mixup_alpha = 0.998, 0.2
     return cfg, train(cfg)
 
 
@@ -138,6 +138,7 @@ def test_offline_imagenet_weights_map_strictly(architecture):
 @pytest.mark.parametrize(("line", "message"), [
     ("pretrained: imagenet", "pretrained: 'imagenet' is not one of offline"),
     ("ema_decay: 1.0", "ema_decay: 1.0 must be in"),
+    ("mixup_alpha: -0.2", "mixup_alpha: -0.2 must be >= 0"),
     ("epoch: 3", "unknown TrainConfig keys: ['epoch']"),
 ])
 def test_a_bad_training_config_says_which_key_is_wrong(tmp_path, line, message):
@@ -146,6 +147,23 @@ def test_a_bad_training_config_says_which_key_is_wrong(tmp_path, line, message):
     (tmp_path / "bad.yaml").write_text(line + "\n")
     with pytest.raises(ValueError, match=re.escape(message)):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_mixup_pairs_each_film_with_another_by_a_beta_weight():
+    from trainer.train import mix
+
+    x = torch.arange(8.0)
+    assert mix(x, 0.0, np.random.default_rng(0)) == (1.0, None)
+    assert mix(x[:1], 0.2, np.random.default_rng(0)) == (1.0, None)
+    torch.manual_seed(0)
+    lams = []
+    for seed in range(200):
+        lam, partner = mix(x, 0.2, np.random.default_rng(seed))
+        assert sorted(partner.tolist()) == list(range(8))
+        lams.append(lam)
+    # Beta(0.2, 0.2) is U-shaped: most weights lie near 0 or 1, with mean 0.5
+    lams = np.array(lams)
+    assert ((lams < 0.1) | (lams > 0.9)).mean() > 0.5 and abs(lams.mean() - 0.5) < 0.1
 
 
 def test_offline_weights_for_an_unknown_architecture_say_what_to_use():

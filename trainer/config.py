@@ -61,6 +61,7 @@ class TrainConfig:
     class_weights: bool = True
     grad_clip: float = 1.0
     ema_decay: float = 0.0  # > 0: validate and ship an exponential moving average of the weights
+    mixup_alpha: float = 0.0  # > 0: mixup with lam ~ Beta(alpha, alpha) (e.g. 0.2); 0 = off
     patience: int = 4  # early stopping on validation macro AUC
     seed: int = 42
     threads: int = 0  # 0 = all cores
@@ -103,6 +104,8 @@ def load_config(path: Path | None, **overrides: Any) -> TrainConfig:
         raise ValueError(f"pretrained: {cfg.pretrained!r} is not one of {', '.join(PRETRAINED)}")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise ValueError(f"ema_decay: {cfg.ema_decay} must be in [0, 1); 0 turns the weight average off")
+    if cfg.mixup_alpha < 0:
+        raise ValueError(f"mixup_alpha: {cfg.mixup_alpha} must be >= 0; 0 turns mixup off")
     if cfg.calibration not in METHODS:
         raise ValueError(f"calibration: {cfg.calibration!r} is not one of {', '.join(METHODS)}")
     for k, v in overrides.items():

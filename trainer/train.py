@@ -1,7 +1,7 @@
 """The training loop: readable in one sitting.
 
 decode+resize once (worker code) -> split by patient/group -> head-only epochs -> full
-fine-tune with AdamW + warm-up/cosine (+ optional weight EMA) -> early stopping on validation macro AUC ->
+fine-tune with AdamW + warm-up/cosine (+ optional mixup and weight EMA) -> early stopping on validation macro AUC ->
 temperature + logit offsets + operating points on validation -> bundle (worker's save_bundle).
 """
 
@@ -89,6 +89,17 @@ def lr_factor(step: int, *, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def mix(x: torch.Tensor, alpha: float, rng: np.random.Generator) -> tuple[float, torch.Tensor | None]:
+    """mixup (Zhang et al. 2018): a weight lam ~ Beta(alpha, alpha) and a partner for each film.
+
+    The batch becomes lam * x + (1 - lam) * x[partner], and the loss the same mix of the two
+    labels' losses. alpha 0 turns it off (partner None).
+    """
+    if alpha <= 0 or len(x) < 2:
+        return 1.0, None
+    return float(rng.beta(alpha, alpha)), torch.randperm(len(x), device=x.device)
+
+
 def set_backbone_trainable(model: CxrNet, trainable: bool) -> None:
     for p in model.backbone.parameters():
         p.requires_grad_(trainable)
@@ -150,7 +161,7 @@ def train(cfg: TrainConfig, *, resume: Path | None = None) -> Path:
     if resume is not None:
         opt.load_state_dict(state["optimizer"])
 
-    stale = 0
+    stale, rng = 0, np.random.default_rng(cfg.seed)
     for epoch in range(start_epoch, cfg.epochs):
         head_only = epoch < cfg.head_epochs
         set_backbone_trainable(model, not head_only)
@@ -166,8 +177,14 @@ def train(cfg: TrainConfig, *, resume: Path | None = None) -> Path:
                 group["lr"] = base * lr_factor(step, warmup=warmup_steps, total=total_steps)
             x = x.to(device, memory_format=torch.channels_last)
             y = y.to(device)
+            lam, partner = mix(x, cfg.mixup_alpha, rng)
+            if partner is not None:
+                x = lam * x + (1 - lam) * x[partner]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = loss_fn(model(x).float(), y)
+                logits = model(x).float()
+                loss = loss_fn(logits, y)
+                if partner is not None:
+                    loss = lam * loss + (1 - lam) * loss_fn(logits, y[partner])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
