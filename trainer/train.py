@@ -1,8 +1,9 @@
 """The training loop: readable in one sitting.
 
 decode+resize once (worker code) -> split by patient/group -> head-only epochs -> full
-fine-tune with AdamW + warm-up/cosine (+ optional mixup and weight EMA) -> early stopping on validation macro AUC ->
-temperature + logit offsets + operating points on validation -> bundle (worker's save_bundle).
+fine-tune with AdamW + warm-up/cosine (+ optional mixup and weight EMA) -> early stopping
+on validation macro AUC -> temperature + logit offsets + operating points on validation ->
+bundle (worker's save_bundle).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from timm.utils import ModelEmaV3
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -143,8 +144,8 @@ def train(cfg: TrainConfig, *, resume: Path | None = None) -> Path:
     # An exponential moving average of the weights (timm's ModelEmaV3, decay warmed up from 0):
     # validation, early stopping and the bundle use the average, which swings less per epoch.
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay else None
-    if ema is not None and resume is not None:
-        ema.module.load_state_dict(state["ema"])
+    if ema is not None and resume is not None and state.get("ema") is not None:
+        ema.module.load_state_dict(state["ema"])  # else the average starts from the resumed weights
     scored = ema.module if ema is not None else model
 
     counts = np.bincount(tr_y, minlength=len(cfg.classes)).astype(np.float64)
