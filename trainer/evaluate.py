@@ -135,6 +135,7 @@ def plot_history(history: list[dict[str, Any]], path: Path, *, head_epochs: int 
     """Training loss and validation macro AUC / accuracy per epoch; the kept epoch is marked."""
     epochs = [h["epoch"] for h in history]
     auc = [h["val_macro_auc"] for h in history]
+    acc = [h["val_accuracy"] for h in history]
     best = epochs[int(np.argmax(auc))]
     fig, loss_ax = plt.subplots(figsize=(6.5, 4))
     if head_epochs:
@@ -143,10 +144,9 @@ def plot_history(history: list[dict[str, Any]], path: Path, *, head_epochs: int 
     loss_ax.set(xlabel="epoch", ylabel="train loss (label-smoothed CE)")
     val_ax = loss_ax.twinx()
     val_ax.plot(epochs, auc, "o-", color="tab:blue", label="val macro AUC")
-    val_ax.plot(epochs, [h["val_accuracy"] for h in history], "s--", color="tab:orange", label="val accuracy")
+    val_ax.plot(epochs, acc, "s--", color="tab:orange", label="val accuracy")
     val_ax.axvline(best, color="tab:blue", lw=0.8, ls=":")
     val_ax.annotate(f"kept: epoch {best}", (best, max(auc)), textcoords="offset points", xytext=(4, 6), fontsize=8)
-    acc = [h["val_accuracy"] for h in history]
     val_ax.set(ylabel="validation", ylim=(max(0.0, min(auc + acc) - 0.05), 1.0))
     handles = [h for ax in (loss_ax, val_ax) for h in ax.get_legend_handles_labels()[0]]
     val_ax.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)

@@ -81,10 +81,6 @@ def offline_state_dict(architecture: str, stage_sizes: Sequence[int], in_chans: 
     return out
 
 
-def lite0_state_dict(in_chans: int = 3) -> dict[str, torch.Tensor]:
-    return offline_state_dict("tf_efficientnet_lite0", LITE0_STAGE_SIZES, in_chans)
-
-
 def load_offline_backbone(backbone: torch.nn.Module, architecture: str, in_chans: int) -> None:
     """Load the offline weights into a timm ``tf_efficientnet_lite*`` (num_classes=0), strictly."""
     stage_sizes = [len(stage) for stage in backbone.blocks]

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from cxr.bundle import BundleMeta
 from trainer.calibrate import calibrated_probs, fit_calibration, thresholds_for_sensitivity
-from trainer.config import TrainConfig, save_config
+from trainer.config import OFFLINE, TrainConfig, save_config
 from trainer.data import CachedImages, Sample, fingerprint, load_images, read_samples, split_by_group
 from trainer.evaluate import plot_history
 from trainer.metrics import classification_metrics
@@ -65,7 +65,7 @@ def make_meta(cfg: TrainConfig) -> BundleMeta:
 
 def init_model(cfg: TrainConfig, meta: BundleMeta) -> CxrNet:
     model = build_model(meta, pretrained=cfg.pretrained == "hub")
-    if cfg.pretrained in ("offline", "lite0-offline"):
+    if cfg.pretrained in OFFLINE:
         from trainer.pretrained import load_offline_backbone
 
         load_offline_backbone(model.backbone, cfg.architecture, cfg.in_chans)
