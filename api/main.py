@@ -92,6 +92,9 @@ class Prediction(BaseModel):
     model_version: str | None
     flagged: bool | None
     risk: float | None
+    uncertainty: float | None = None  # MC-dropout mutual information (nats); None: the model computes none
+    uncertain: bool | None = None  # at or above the bundle's threshold: refer for review
+    ood_score: float | None = None  # out-of-distribution score (squared Mahalanobis distance)
     status: str
     heatmap_ready: bool = False
     reject_code: str | None = None
@@ -195,7 +198,7 @@ def _prediction(session: Session, ref: Intaken) -> dict[str, Any]:
     infer = (summary["timings_ms"] or {}).get("infer")
     scored = result is not None and study.status in (StudyStatus.processing.value, StudyStatus.done.value)
     return {**{k: summary[k] for k in ("predicted_class", "confidence", "probabilities", "model_version", "flagged",
-                                       "risk", "reject_code", "error")},
+                                       "risk", "uncertainty", "uncertain", "ood_score", "reject_code", "error")},
             # Scored is done for a prediction; the study itself turns `done` once its heatmap is written.
             "status": StudyStatus.done.value if scored else study.status,
             "heatmap_ready": bool(result is not None and result.heatmap_path),
@@ -476,6 +479,8 @@ def model_info(settings: SettingsDep) -> dict[str, Any]:
         "operating_points": {cls: {"threshold": t} for cls, t in meta.thresholds.items()},
         "temperature": meta.temperature,
         "logit_bias": dict(zip(meta.classes, meta.bias)),
+        "ood": meta.ood or None,  # out-of-distribution gate: method, threshold (refused above it)
+        "uncertainty": meta.uncertainty or None,  # method, samples, threshold (uncertain at or above it)
         "metrics": meta.extra.get("val_metrics"),
         "split_sizes": meta.extra.get("split_sizes"),
         "data_fingerprint": meta.extra.get("data_fingerprint"),

@@ -51,6 +51,11 @@ class BundleMeta:
     # priors that class-weighted training leaves and a temperature alone cannot.
     logit_bias: list[float] = field(default_factory=list)
     thresholds: dict[str, float] = field(default_factory=dict)
+    # Out-of-distribution gate (worker/screening/reliability.py): {"method", "threshold",
+    # "features", "fitted_on", ...}; its statistics are the bundle's ``ood.*`` tensors. Empty: none.
+    ood: dict[str, Any] = field(default_factory=dict)
+    # Uncertainty ("refer for review"): {"method", "samples", "threshold"}; empty: none.
+    uncertainty: dict[str, Any] = field(default_factory=dict)
     version: str = "0"
     created_at: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -81,7 +86,20 @@ class BundleMeta:
             raise BundleError("bundle must name at least two classes")
         if meta.logit_bias and len(meta.logit_bias) != len(meta.classes):
             raise BundleError("bundle logit_bias must have one value per class (or none)")
+        for name, block in (("ood", meta.ood), ("uncertainty", meta.uncertainty)):
+            if block and not isinstance(block.get("threshold"), (int, float)):
+                raise BundleError(f"bundle {name} metadata needs a numeric threshold")
         return meta
+
+    @property
+    def ood_threshold(self) -> float | None:
+        """Films whose out-of-distribution score is above this are refused (None: no OOD gate)."""
+        return float(self.ood["threshold"]) if self.ood else None
+
+    @property
+    def uncertainty_threshold(self) -> float | None:
+        """Films whose uncertainty is at or above this are ``uncertain`` (None: not computed)."""
+        return float(self.uncertainty["threshold"]) if self.uncertainty else None
 
 
 def read_header(path: Path) -> dict[str, Any]:

@@ -365,13 +365,15 @@ def predict_rows(screener, files: list[Path], *, heatmaps: Path | None = None, w
             data = f.read_bytes()
         except OSError as e:
             return {"path": str(f), "status": "rejected", "reject_code": "unreadable", "predicted_class": None,
-                    "probabilities": None, "flagged": None, "heatmap_path": None,
+                    "probabilities": None, "flagged": None, "uncertain": None, "uncertainty": None,
+                    "ood_score": None, "heatmap_path": None,
                     "error": f"unreadable: the file cannot be read ({e.strerror})"}
         heat = heatmaps / f"{i:05d}-{f.stem}.jpg" if heatmaps else None
         out = screener.screen(data, heatmap_to=heat)
         return {"path": str(f), "status": out.status, "reject_code": out.reject_code,
                 "predicted_class": out.predicted_class, "probabilities": out.probabilities,
-                "flagged": out.flagged, "heatmap_path": out.heatmap_path, "error": out.error}
+                "flagged": out.flagged, "uncertain": out.uncertain, "uncertainty": out.uncertainty,
+                "ood_score": out.ood_score, "heatmap_path": out.heatmap_path, "error": out.error}
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         return list(tqdm(pool.map(one, enumerate(files)), total=len(files), desc="screening", unit="file",
@@ -408,7 +410,7 @@ def predict(
     files = iter_inputs(paths)
     rows = predict_rows(screener, files, heatmaps=heatmaps, workers=settings.max_batch)
     typer.echo(render(rows, fmt=format.value, columns=(
-        "path", "status", "predicted_class", "flagged", "probabilities", "reject_code", "error")))
+        "path", "status", "predicted_class", "flagged", "uncertain", "probabilities", "reject_code", "error")))
     typer.echo(DISCLAIMER, err=True)
     if not any(r["status"] == "done" for r in rows):
         raise typer.Exit(1)
@@ -477,11 +479,12 @@ def submit(
     typer.echo(DISCLAIMER, err=True)
 
 
-WORKLIST_COLUMNS = ("study_id", "filename", "status", "flagged", "predicted_class", "risk", "probabilities",
-                    "reject_code", "error")
+WORKLIST_COLUMNS = ("study_id", "filename", "status", "flagged", "uncertain", "predicted_class", "risk",
+                    "probabilities", "uncertainty", "ood_score", "reject_code", "error")
 # (title, statuses, columns) of the worklist table's sections.
 WORKLIST_SECTIONS = (
-    ("Scored", ("done",), ("study_id", "filename", "flagged", "predicted_class", "risk", "probabilities")),
+    ("Scored", ("done",), ("study_id", "filename", "flagged", "uncertain", "predicted_class", "risk",
+                           "probabilities", "uncertainty")),
     ("Pending", ("queued", "processing"), ("study_id", "filename", "status")),
     ("Rejected and failed (not scored)", ("rejected", "failed"),
      ("study_id", "filename", "status", "reject_code", "error")),
@@ -686,8 +689,8 @@ def study_show(
     if format is Format.json:
         typer.echo(json.dumps({**summary, "history": history}, indent=2, default=str))
     else:
-        fields = ("study_id", "filename", "source", "status", "predicted_class", "risk", "flagged", "reject_code",
-                  "error", "model_version", "worker_id", "lease_expires_at", "created_at", "finished_at")
+        fields = ("study_id", "filename", "source", "status", "predicted_class", "risk", "flagged", "uncertain",
+                  "uncertainty", "ood_score", "reject_code", "error", "model_version", "worker_id", "lease_expires_at", "created_at", "finished_at")
         width = max(map(len, fields))
         typer.echo("\n".join(f"{k.ljust(width)}  {'' if summary.get(k) is None else summary[k]}" for k in fields))
         typer.echo("\nHistory")

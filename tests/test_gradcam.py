@@ -82,13 +82,13 @@ def test_batched_gradcam_equals_one_map_at_a_time(tmp_path, tiny_bundle):
     x = np.stack([to_model(gated_pixels(write_png(tmp_path / f"{i}.png", seed=70 + i).read_bytes())[0],
                            screener.meta) for i in range(5)])
     rows = screener._step(x, [True, True, False, True, True])
-    assert rows[2][1] is None
-    batch = [(p, cam_of()[0] if cam_of else None) for p, cam_of in rows]  # the first call computes all four
+    assert rows[2][2] is None
+    batch = [(p, cam_of()[0] if cam_of else None) for p, _, cam_of in rows]  # the first call computes all four
     assert all(batch[i][1].max() > batch[i][1].min() for i in (0, 1, 3, 4))  # real maps, not blanks
     for i in (0, 1, 3, 4):
-        probs, cam_of = screener._step(x[i:i + 1], [True])[0]
+        probs, _, cam_of = screener._step(x[i:i + 1], [True])[0]
         cam = cam_of()[0]
         assert np.abs(batch[i][0] - probs).max() <= 1e-5
         assert batch[i][1].shape == cam.shape == x.shape[2:]
         assert np.abs(batch[i][1] - cam).max() <= 1e-4, i
-    assert all(cam_of is None for _, cam_of in screener._step(x[:2], [False, False]))
+    assert all(cam_of is None for _, _, cam_of in screener._step(x[:2], [False, False]))

@@ -48,7 +48,9 @@ def evaluate_cmd(
     checkpoint: Annotated[Path, typer.Option(help="Bundle to evaluate.")],
     data: Annotated[str, typer.Option(help="A CSV (path,label[,patient_id][,source]) or a folder per class.")],
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/eval"),
-    source_column: Annotated[str, typer.Option(help="CSV column for the per-source breakdown.")] = "source",
+    source_column: Annotated[str, typer.Option(
+        help="CSV column for the per-source breakdown; `auto`: `source` if the CSV has it, else `source_repo` "
+             "(the shared development set's column).")] = "auto",
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the AUC CIs (0 = none).")] = 1000,
 ) -> None:
     """Evaluate a bundle: metrics.json (accuracy, per-class precision/recall/F1/AUC with
@@ -58,9 +60,24 @@ def evaluate_cmd(
     from trainer.config import DataConfig
     from trainer.evaluate import evaluate
 
+    if source_column == "auto":
+        source_column = detect_source_column(Path(data))
     m = evaluate(checkpoint, DataConfig(source=data, source_column=source_column), out, bootstrap=bootstrap)
     typer.echo((out / "summary.md").read_text())
     log.info("accuracy %.4f, macro AUC %.4f, ECE %.4f -> %s", m["accuracy"], m["macro_auc"], m["ece"], out)
+
+
+def detect_source_column(data: Path) -> str:
+    """``source`` when the CSV has that column, else ``source_repo`` when it has that, else ``source``."""
+    import csv
+
+    if data.is_file():
+        with data.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        for name in ("source", "source_repo"):
+            if name in header:
+                return name
+    return "source"
 
 
 def calibrate_cmd(
@@ -73,6 +90,17 @@ def calibrate_cmd(
     target: Annotated[Optional[list[str]], typer.Option(
         help="CLASS=SENSITIVITY for an operating point, e.g. Tuberculosis=0.95; repeat for several. "
              "Default: the targets the bundle was trained with.")] = None,
+    ood_fit: Annotated[Optional[str], typer.Option(
+        help="The films the network was trained on (e.g. the train.csv `cxr train` writes): also fit the "
+             "out-of-distribution gate on them and the OOD and uncertainty thresholds on --data.")] = None,
+    ood_quantile: Annotated[float, typer.Option(
+        help="With --ood-fit: refuse films whose OOD score is above this quantile of --data's scores.")] = 0.99,
+    refer_fraction: Annotated[float, typer.Option(
+        help="With --ood-fit: the fraction of --data the uncertainty threshold marks uncertain (refer for "
+             "review).")] = 0.2,
+    uncertainty: Annotated[Optional[str], typer.Option(
+        help="With --ood-fit: the uncertainty measure (mc-dropout-bald, mc-dropout-entropy, softmax-response); "
+             "default: the one with the lowest area under --data's risk-coverage curve.")] = None,
 ) -> None:
     """Fit the calibration (temperature and per-class logit offsets) and the operating points
     again on labelled data, and write a new bundle with the same weights.
@@ -80,7 +108,11 @@ def calibrate_cmd(
     For a programme whose population or scanners differ from the training data: calibrate on
     a few hundred of its own labelled films, check the result with `cxr evaluate` on others,
     then `cxr model activate` it. Ranking (AUC) does not change; probabilities, argmax
-    classes and the `flagged` operating points do."""
+    classes and the `flagged` operating points do.
+
+    With --ood-fit TRAIN.csv it also fits the out-of-distribution gate (Mahalanobis distance of
+    the pooled features, Lee et al. 2018; refused as `not_chest`) and the MC-dropout
+    uncertainty threshold (`uncertain`: refer for review)."""
     from trainer.calibrate import METHODS
     from trainer.config import DataConfig
     from trainer.recalibrate import recalibrate
@@ -94,7 +126,9 @@ def calibrate_cmd(
         except ValueError:
             raise typer.BadParameter("write CLASS=SENSITIVITY, e.g. Tuberculosis=0.95", param_hint="--target")
     try:
-        r = recalibrate(checkpoint, DataConfig(source=data), out, method=method, targets=targets)
+        r = recalibrate(checkpoint, DataConfig(source=data), out, method=method, targets=targets,
+                        ood_fit=DataConfig(source=ood_fit) if ood_fit else None, ood_quantile=ood_quantile,
+                        refer_fraction=refer_fraction, uncertainty_method=uncertainty)
     except ValueError as e:
         typer.secho(str(e), err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
@@ -108,6 +142,15 @@ def calibrate_cmd(
     typer.echo(f"| ECE | {r['ece'][0]:.3f} | {r['ece'][1]:.3f} |")
     for cls, t in r["thresholds"][1].items():
         typer.echo(f"| {cls} threshold | {r['thresholds'][0].get(cls, float('nan')):.3f} | {t:.3f} |")
+    if r.get("reliability"):
+        rel = r["reliability"]
+        typer.echo(f"| OOD threshold ({rel['ood']['method']}) | | {rel['ood']['threshold']:.1f} |")
+        typer.echo(f"| refused by the OOD gate on --data | | {rel['ood']['val_refused']:.1%} |")
+        typer.echo(f"| uncertainty threshold ({rel['uncertainty']['method']}, "
+                   f"{rel['uncertainty']['chosen_by']}) | | {rel['uncertainty']['threshold']:.4f} |")
+        for name, v in rel["measures"].items():
+            typer.echo(f"| {name}: accuracy at 80% coverage / AURC | | {v['accuracy_at_80pct_coverage']:.3f} / "
+                       f"{v['aurc']:.4f} |")
     typer.echo("These figures are on the calibration data itself; judge the bundle with `cxr evaluate` on other films.")
 
 

@@ -37,11 +37,21 @@ log = logging.getLogger(__name__)
 def raw_logits(loaded: LoadedModel, samples: list[Sample], *, batch: int = 32) -> tuple[np.ndarray, list[Sample]]:
     """The network's logits (before any calibration) for every readable sample, through the
     worker's decode and preprocess."""
-    out, kept, xs = [], [], []
+    logits, _, kept = raw_outputs(loaded, samples, batch=batch)
+    return logits, kept
+
+
+def raw_outputs(loaded: LoadedModel, samples: list[Sample], *, batch: int = 32
+                ) -> tuple[np.ndarray, np.ndarray, list[Sample]]:
+    """(logits (N, K) float64 before calibration, pooled features (N, F) float32, the readable
+    samples) through the worker's decode and preprocess: one pass gives both."""
+    out, pooled, kept, xs = [], [], [], []
 
     def run() -> None:
         with torch.inference_mode():
-            out.append(loaded.model(torch.from_numpy(np.stack(xs)).to(loaded.device)).float().cpu().numpy())
+            f = loaded.model.backbone(torch.from_numpy(np.stack(xs)).to(loaded.device)).float()
+            out.append(loaded.model.head(f).float().cpu().numpy())
+            pooled.append(f.cpu().numpy())
         xs.clear()
 
     for s in tqdm(samples, desc="scoring", unit="img", leave=False):
@@ -58,7 +68,53 @@ def raw_logits(loaded: LoadedModel, samples: list[Sample], *, batch: int = 32) -
         run()
     if not kept:
         raise ValueError("no readable labelled image in the data")
-    return np.concatenate(out).astype(np.float64), kept
+    return np.concatenate(out).astype(np.float64), np.concatenate(pooled), kept
+
+
+def reliability_report(loaded: LoadedModel, y: np.ndarray, probs: np.ndarray, pooled: np.ndarray,
+                       out: Path | None = None) -> dict[str, Any]:
+    """What the bundle knows it does not know, on labelled chest films: the fraction its OOD
+    gate would refuse, the fraction marked uncertain, the accuracy of the rest, accuracy at
+    80% coverage and the area under the risk-coverage curve per uncertainty measure (MC-dropout
+    BALD, 1 - max probability, predictive entropy); ``out``: also draws ``risk_coverage.png``."""
+    from trainer.reliability import accuracy_at_coverage, aurc, risk_coverage, uncertainty_measures
+    from worker.screening.reliability import SOFTMAX_RESPONSE
+
+    meta = loaded.meta
+    f = torch.from_numpy(np.asarray(pooled, dtype=np.float32))
+    correct = probs.argmax(axis=1) == y
+    measures = uncertainty_measures(loaded.model.head, pooled, probs, temperature=meta.temperature, bias=meta.bias)
+    method = meta.uncertainty.get("method") or SOFTMAX_RESPONSE  # a bundle without one: the plain baseline
+    report: dict[str, Any] = {"method": method, "measures": {
+        name: {"aurc": aurc(correct, u), "accuracy_at_80pct_coverage": accuracy_at_coverage(correct, u, 0.8)}
+        for name, u in measures.items()}}
+    report["accuracy_at_80pct_coverage"] = report["measures"][method]["accuracy_at_80pct_coverage"]
+    unc = measures[method]
+    if loaded.ood is not None:
+        scores = loaded.ood.score(f)
+        report["ood"] = {"threshold": meta.ood_threshold, "refused": float(np.mean(scores > meta.ood_threshold)),
+                         "n_refused": int(np.sum(scores > meta.ood_threshold)), "median_score": float(np.median(scores))}
+    if meta.uncertainty_threshold is not None:
+        unsure = unc >= meta.uncertainty_threshold
+        report["uncertain"] = {"threshold": meta.uncertainty_threshold, "fraction": float(unsure.mean()),
+                               "accuracy_certain": float(correct[~unsure].mean()) if (~unsure).any() else None,
+                               "accuracy_uncertain": float(correct[unsure].mean()) if unsure.any() else None}
+    if out is not None:
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        for name, u in measures.items():
+            cov, acc = risk_coverage(correct, u)
+            ax.plot(cov, acc, label=f"{name} (AURC {aurc(correct, u):.3f})")
+        ax.axvline(0.8, color="grey", lw=0.8, ls=":")
+        if "uncertain" in report:
+            ax.axvline(1 - report["uncertain"]["fraction"], color="tab:red", lw=0.8, ls="--",
+                       label="bundle's threshold")
+        ax.set(xlabel="coverage (fraction of films kept)", ylabel="accuracy of the films kept",
+               title=f"Risk-coverage (acc @ 80%: {report['accuracy_at_80pct_coverage']:.3f})")
+        ax.legend(loc="lower left", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "risk_coverage.png", dpi=120)
+        plt.close(fig)
+    return report
 
 
 def score(loaded: LoadedModel, samples: list[Sample], *, batch: int = 32) -> tuple[np.ndarray, list[Sample]]:
@@ -73,7 +129,8 @@ def evaluate(checkpoint: Path, data: DataConfig, out: Path, *, bootstrap: int = 
     loaded = load_bundle(checkpoint)
     classes = loaded.meta.classes
     samples = read_samples(data, classes)
-    probs, kept = score(loaded, samples)
+    logits, pooled, kept = raw_outputs(loaded, samples)
+    probs = calibrated(torch.from_numpy(logits), temperature=loaded.meta.temperature, bias=loaded.meta.bias)
     y = np.array([s.label for s in kept])
     metrics = classification_metrics(y, probs, classes, thresholds=loaded.meta.thresholds or None,
                                      bootstrap=bootstrap)
@@ -89,6 +146,7 @@ def evaluate(checkpoint: Path, data: DataConfig, out: Path, *, bootstrap: int = 
                                     bootstrap=0)
         for src, idx in sorted(by_source.items())
     }
+    metrics["reliability"] = reliability_report(loaded, y, probs, pooled, out)
     (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
     (out / "predictions.csv").write_text(
         "path,label,source," + ",".join(f"p_{c}" for c in classes) + "\n"
@@ -250,9 +308,37 @@ def summary_markdown(m: dict[str, Any], classes: list[str]) -> str:
         lines += ["", "| operating point | threshold | sensitivity | specificity |", "|---|---|---|---|"]
         for c, op in m["operating_points"].items():
             lines.append(f"| {c} | {op['threshold']:.3f} | {op['sensitivity']:.3f} | {op['specificity']:.3f} |")
-    lines += ["", "## Per source", "", "| source | n | accuracy | macro AUC |", "|---|---|---|---|"]
+    per_class_cols = list(classes)
+    op_cols = list(m.get("operating_points") or {})
+    lines += ["", "## Per source", "", "Recall per class is the sensitivity for that class among the source's films "
+              "of it (a source that brings one class only, such as TBX11K's TB, is judged by that recall).", "",
+              "| source | n | accuracy | macro AUC | " + " | ".join(f"{c} recall (n)" for c in per_class_cols)
+              + "".join(f" | {c} sensitivity at its operating point" for c in op_cols) + " |",
+              "|---|---|---|---|" + "---|" * (len(per_class_cols) + len(op_cols))]
     for src, sm in m["per_source"].items():
-        lines.append(f"| {src} | {sm['n']} | {sm['accuracy']:.3f} | {sm['macro_auc']:.3f} |")
+        auc = sm["macro_auc"]
+        recalls = [(f"{sm['per_class'][c]['recall']:.3f} ({sm['per_class'][c]['support']})"
+                    if sm["per_class"][c]["support"] else "-") for c in per_class_cols]
+        sens = [sm.get("operating_points", {}).get(c, {}).get("sensitivity") for c in op_cols]
+        lines.append(f"| {src} | {sm['n']} | {sm['accuracy']:.3f} | {'-' if auc is None or auc != auc else f'{auc:.3f}'} | "
+                     + " | ".join(recalls)
+                     + "".join(f" | {'-' if v is None or v != v else f'{v:.3f}'}" for v in sens) + " |")
+    rel = m.get("reliability") or {}
+    if rel:
+        lines += ["", "## What the model knows it does not know", "",
+                  f"- accuracy at 80% coverage (refer the 20% most uncertain by {rel['method']}): "
+                  f"**{rel['accuracy_at_80pct_coverage']:.3f}**"]
+        if "uncertain" in rel:
+            u = rel["uncertain"]
+            lines.append(f"- marked uncertain at the bundle's threshold ({u['threshold']:.4f}): "
+                         f"{u['fraction']:.1%}; accuracy of the others {u['accuracy_certain'] or float('nan'):.3f}")
+        if "ood" in rel:
+            lines.append(f"- refused by the out-of-distribution gate (threshold {rel['ood']['threshold']:.1f}): "
+                         f"{rel['ood']['n_refused']} films ({rel['ood']['refused']:.1%}) of these chest films")
+        lines += ["", "| uncertainty measure | AURC (lower is better) | accuracy at 80% coverage |", "|---|---|---|"]
+        for name, v in rel["measures"].items():
+            lines.append(f"| {name} | {v['aurc']:.4f} | {v['accuracy_at_80pct_coverage']:.3f} |")
+        lines += ["", "![Risk-coverage](risk_coverage.png)"]
     lines += ["", "![ROC](roc.png) ![Confusion](confusion.png) ![Calibration](calibration.png)", "",
               "![Grad-CAM](gradcam_grid.png)", ""]
     return "\n".join(lines)

@@ -66,6 +66,9 @@ ALGORITHM_VERSION = hd.sr.CodedConcept("111003", "DCM", "Algorithm Version")
 COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
 RISK = hd.sr.CodedConcept("RISK", LOCAL, "Risk score (1 - P(Normal))")
 FLAGGED = hd.sr.CodedConcept("FLAGGED", LOCAL, "Flagged for review")
+UNCERTAINTY = hd.sr.CodedConcept("UNCERT", LOCAL, "Model uncertainty (MC dropout mutual information)")
+UNCERTAIN = hd.sr.CodedConcept("UNCERTAIN", LOCAL, "Uncertain: refer for review")
+OOD_SCORE = hd.sr.CodedConcept("OODSCORE", LOCAL, "Out-of-distribution score")
 
 STATEMENT = f"{DISCLAIMER} AI output of an automated screening aid; not a diagnosis."
 
@@ -85,6 +88,9 @@ class Findings:
     model_name: str
     model_version: str
     thresholds: dict[str, float] = field(default_factory=dict)  # operating point per class; empty: argmax rule
+    uncertainty: float | None = None  # None: the model computes none
+    uncertain: bool | None = None
+    ood_score: float | None = None
 
 
 def finding_code(class_name: str, index: int) -> hd.sr.CodedConcept:
@@ -140,6 +146,15 @@ def build_sr(source: Dataset, findings: Findings) -> hd.sr.ComprehensiveSR:
                 for i, c in enumerate(classes) if c in findings.thresholds]
     results.append(hd.sr.CodeContentItem(name=FLAGGED, value=YES if findings.flagged else NO,
                                          relationship_type="CONTAINS"))
+    if findings.uncertainty is not None:
+        results.append(hd.sr.NumContentItem(name=UNCERTAINTY, value=round(findings.uncertainty, 6), unit=UNITLESS,
+                                            relationship_type="CONTAINS"))
+    if findings.uncertain is not None:
+        results.append(hd.sr.CodeContentItem(name=UNCERTAIN, value=YES if findings.uncertain else NO,
+                                             relationship_type="CONTAINS"))
+    if findings.ood_score is not None:
+        results.append(hd.sr.NumContentItem(name=OOD_SCORE, value=round(findings.ood_score, 3), unit=UNITLESS,
+                                            relationship_type="CONTAINS"))
     if not findings.thresholds:
         results.append(hd.sr.TextContentItem(name=COMMENT, value="No operating points in this model: flagged "
                                              "when the most probable class is not Normal.",
@@ -255,7 +270,8 @@ def write_for_study(outbox: Path, *, study_id: uuid.UUID, outcome, meta, source_
         return []
     findings = Findings(probabilities=outcome.probabilities, predicted_class=outcome.predicted_class,
                         risk=outcome.risk, flagged=outcome.flagged, model_name=meta.architecture,
-                        model_version=meta.version, thresholds=dict(meta.thresholds or {}))
+                        model_version=meta.version, thresholds=dict(meta.thresholds or {}),
+                        uncertainty=outcome.uncertainty, uncertain=outcome.uncertain, ood_score=outcome.ood_score)
     try:
         written = write_outputs(outbox, name=str(study_id), source_path=source_path, findings=findings,
                                 overlay_path=Path(outcome.heatmap_path) if outcome.heatmap_path else None)

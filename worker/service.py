@@ -160,7 +160,9 @@ def process_study(settings: Settings, study_id: uuid.UUID, *, scores_first: bool
         with session_scope(settings.database_url) as session:
             repo.record_result(session, study_id=study_id, model_version_id=mv_id, probabilities=scored.probabilities,
                                predicted_class=scored.predicted_class, risk=scored.risk, flagged=scored.flagged,
-                               heatmap_path=None, timings_ms=scored.timings_ms, final=False)
+                               heatmap_path=None, timings_ms=scored.timings_ms, final=False,
+                               ood_score=scored.ood_score, uncertainty=scored.uncertainty,
+                               uncertain=scored.uncertain)
 
     outcome = screener.screen(data, heatmap_to=heatmap_to,
                               on_scored=publish_scores if scores_first and settings.heatmaps != "none" else None)
@@ -177,6 +179,9 @@ def process_study(settings: Settings, study_id: uuid.UUID, *, scores_first: bool
                 flagged=outcome.flagged,
                 heatmap_path=outcome.heatmap_path,
                 timings_ms=outcome.timings_ms,
+                ood_score=outcome.ood_score,
+                uncertainty=outcome.uncertainty,
+                uncertain=outcome.uncertain,
             )
         else:
             repo.mark_study(session, study_id=study_id, status=StudyStatus(outcome.status), error=outcome.error,

@@ -191,6 +191,10 @@ class Result(Base):
     confidence: Mapped[float] = mapped_column(Float)
     risk: Mapped[float] = mapped_column(Float, index=True)
     flagged: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    # What the model knows it does not know (None: the bundle computes no such value).
+    ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    uncertainty: Mapped[float | None] = mapped_column(Float, nullable=True)
+    uncertain: Mapped[bool | None] = mapped_column(Boolean, nullable=True, index=True)
     heatmap_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     timings_ms: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

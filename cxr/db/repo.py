@@ -391,6 +391,9 @@ def record_result(
     timings_ms: dict[str, float],
     final: bool = True,
     actor: str | None = None,
+    ood_score: float | None = None,
+    uncertainty: float | None = None,
+    uncertain: bool | None = None,
 ) -> Result:
     """Store a result and (``final``) mark the study done. A result already stored for this
     model wins; only its missing heatmap (and timings) are filled in.
@@ -407,6 +410,7 @@ def record_result(
         study_id=study_id, model_version_id=model_version_id, probabilities=probabilities,
         predicted_class=predicted_class, confidence=float(probabilities[predicted_class]), risk=risk,
         flagged=flagged, heatmap_path=heatmap_path, timings_ms=timings_ms, created_at=utcnow(),
+        ood_score=ood_score, uncertainty=uncertainty, uncertain=uncertain,
     ).on_conflict_do_nothing(index_elements=["study_id", "model_version_id"]))
     result = session.scalar(select(Result).where(*where).execution_options(populate_existing=True))
     if result.heatmap_path is None and heatmap_path is not None:
@@ -456,7 +460,7 @@ class WorklistRow:
         """This row's place in the worklist order (what a cursor points after)."""
         return WorklistKey(
             group=_group_of(self.study.status),
-            flagged=1 if self.result is not None and self.result.flagged else 0,
+            flagged=1 if self.result is not None and (self.result.flagged or self.result.uncertain) else 0,
             risk=float(self.result.risk) if self.result is not None else -1.0,
             created_at=self.study.created_at,
             study_id=self.study.id,
@@ -498,7 +502,8 @@ def worklist(
     after: WorklistKey | None = None,
     limit: int | None = 100,
 ) -> list[WorklistRow]:
-    """Studies for review: scored ones first, flagged before unflagged, highest risk first;
+    """Studies for review: scored ones first, flagged or uncertain (refer for review) before
+    the others, highest risk first;
     then queued/processing; then rejected and failed ones, newest first (ties: study id).
 
     ``flagged``, ``predicted_class`` and ``model_version`` filter on the newest result.
@@ -529,7 +534,8 @@ def worklist(
         else_=2,
     )
     # No result sorts as unflagged with risk -1: after every scored row of its group, as NULLS LAST did.
-    flag = case((Result.flagged.is_(True), 1), else_=0)
+    # An uncertain result (refer for review) sorts with the flagged ones.
+    flag = case((or_(Result.flagged.is_(True), Result.uncertain.is_(True)), 1), else_=0)
     risk = func.coalesce(Result.risk, -1.0)
     if after is not None:
         stmt = stmt.where(or_(
@@ -570,6 +576,9 @@ def study_summary(study: Study, result: Result | None) -> dict[str, Any]:
         "confidence": result.confidence if result else None,
         "risk": result.risk if result else None,
         "flagged": result.flagged if result else None,
+        "uncertainty": result.uncertainty if result else None,
+        "uncertain": result.uncertain if result else None,
+        "ood_score": result.ood_score if result else None,
         "heatmap_path": result.heatmap_path if result else None,
         "model_version": result.model_version.version if result and result.model_version else None,
         "timings_ms": dict(result.timings_ms) if result else None,

@@ -117,7 +117,8 @@ def _reason(row: dict[str, Any]) -> str:
 
 def _search_text(row: dict[str, Any], reason: str) -> str:
     parts = (row.get("filename"), row.get("study_id"), row.get("status"), row.get("predicted_class"),
-             row.get("model_version"), reason, "flagged" if row.get("flagged") else "")
+             row.get("model_version"), reason, "flagged" if row.get("flagged") else "",
+             "uncertain" if row.get("uncertain") else "")
     return " ".join(str(p) for p in parts if p).lower()
 
 
@@ -144,7 +145,9 @@ def _scored_row(rank: int, row: dict[str, Any], classes: Sequence[str], px: int)
         _study_cell(row),
         f'<td data-v="{1 if flagged else 0}">' + ('<span class="badge flag">FLAGGED</span>' if flagged else
                                                   ('<span class="badge">no</span>' if row.get("flagged") is not None
-                                                   else "-")) + "</td>",
+                                                   else "-"))
+        + ('<span class="badge uncertain" title="uncertainty {:.3f}: the model is unsure; refer for review">'
+           'UNCERTAIN</span>'.format(float(row.get("uncertainty") or 0)) if row.get("uncertain") else "") + "</td>",
         f'<td data-v="{_e((row.get("predicted_class") or "").lower())}">{_e(row.get("predicted_class") or "-")}</td>',
         f'<td class="num" data-v="{"" if risk is None else f"{float(risk):.6f}"}">'
         f'{"-" if risk is None else f"{float(risk):.3f}"}</td>',
@@ -215,6 +218,7 @@ td.thumb img{display:block;width:auto;height:auto;max-width:120px;max-height:120
 .sid{font-family:ui-monospace,monospace;color:#667;font-size:12px}
 .badge{display:inline-block;padding:1px 6px;border-radius:9px;background:#e3e6ea;font-size:12px}
 .badge.flag{background:#b3261e;color:#fff;font-weight:700}
+.badge.uncertain{background:#8a5a00;color:#fff;font-weight:700;margin-left:4px}
 .prob{min-width:110px}
 .bar{height:10px;background:#e6e9ee;border-radius:5px;overflow:hidden}
 .bar span{display:block;height:100%;background:#3b6fd8}

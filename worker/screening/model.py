@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cxr.bundle import META_KEY, BundleError, BundleMeta, HeadSpec, file_sha256, read_meta
+from worker.screening.reliability import OOD_PREFIX, OodStats
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,10 @@ def build_model(meta: BundleMeta, *, pretrained: bool = False) -> CxrNet:
     return CxrNet(meta, pretrained=pretrained)
 
 
-def save_bundle(path: Path, model: CxrNet, meta: BundleMeta, *, half: bool = False) -> Path:
-    """Write weights and metadata to one safetensors file (atomically)."""
+def save_bundle(path: Path, model: CxrNet, meta: BundleMeta, *, half: bool = False,
+                ood: OodStats | None = None) -> Path:
+    """Write weights, metadata and the optional out-of-distribution statistics (kept in
+    float32 as ``ood.*`` tensors) to one safetensors file (atomically)."""
     if not meta.created_at:
         meta = replace(meta, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     tensors = {}
@@ -83,6 +86,8 @@ def save_bundle(path: Path, model: CxrNet, meta: BundleMeta, *, half: bool = Fal
         if half and t.is_floating_point():
             t = t.half()
         tensors[k] = t.contiguous()
+    if ood is not None:
+        tensors.update(ood.tensors())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata={META_KEY: meta.to_json()})
@@ -97,6 +102,7 @@ class LoadedModel:
     sha256: str
     path: Path
     device: torch.device
+    ood: OodStats | None = None  # the out-of-distribution statistics, when the bundle has them
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -122,8 +128,13 @@ def load_bundle(path: Path, *, device: str = "cpu") -> LoadedModel:
     meta = read_meta(path)
     model = build_model(meta, pretrained=False)
     state = load_file(str(path))
+    ood = OodStats.from_tensors(state)
+    if meta.ood and ood is None:
+        raise BundleError(f"{path}: its metadata sets an out-of-distribution threshold but it has no "
+                          f"{OOD_PREFIX}* statistics; write it again with save_bundle")
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in state.items() if not k.startswith(OOD_PREFIX)}
     try:
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise BundleError(f"{path}: weights do not match architecture {meta.architecture!r}: {e}") from e
     dev = resolve_device(device)
@@ -133,4 +144,4 @@ def load_bundle(path: Path, *, device: str = "cpu") -> LoadedModel:
     sha = file_sha256(path)
     log.info("loaded model bundle %s (%s, version %s, sha256 %s) on %s", path.name, meta.architecture,
              meta.version, sha[:12], dev)
-    return LoadedModel(model=model, meta=meta, sha256=sha, path=path, device=dev)
+    return LoadedModel(model=model, meta=meta, sha256=sha, path=path, device=dev, ood=ood if meta.ood else None)

@@ -21,10 +21,11 @@ import torch
 from cxr.bundle import BundleMeta
 from worker.screening.decode import ImageDecodeError, VoiOptions, decode, decode_pixels, open_image
 from worker.screening.explain import gradcam, gradcam_from_features, save_heatmap
-from worker.screening.gate import GateRules, Rejection, check_header, check_image, status_for
+from worker.screening.gate import Code, GateRules, Rejection, check_header, check_image, status_for
 from worker.screening.infer import calibrated
 from worker.screening.model import LoadedModel
 from worker.screening.preprocess import preprocess
+from worker.screening.reliability import Reliability, assess
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,11 @@ class Outcome:
     risk: float | None = None
     flagged: bool | None = None
     heatmap_path: str | None = None
+    # What the model knows it does not know (worker/screening/reliability.py); None when the
+    # bundle has no statistics for it. ``uncertain``: at or above the bundle's threshold.
+    ood_score: float | None = None
+    uncertainty: float | None = None
+    uncertain: bool | None = None
     error: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
@@ -68,6 +74,17 @@ class ScreenOptions:
     max_batch: int = 1  # > 1: concurrent screen() calls share forward passes (see batching.py)
     max_wait_ms: float = 50.0
     batch_eager: bool = True  # run a batch once nobody else is decoding (else wait max_wait_ms to fill it)
+
+
+def ood_rejection(score: float | None, meta: BundleMeta) -> Rejection | None:
+    """``not_chest`` when the film's out-of-distribution score is above the bundle's threshold."""
+    threshold = meta.ood_threshold
+    if score is None or threshold is None or score <= threshold:
+        return None
+    return Rejection(Code.not_chest, (
+        f"the image does not look like the frontal chest radiographs the model was trained on "
+        f"(out-of-distribution score {score:.0f} > {threshold:.0f}); send a frontal (PA/AP) chest film, "
+        "or check the export (body part, polarity, cropping)"))
 
 
 class Rejected(ImageDecodeError):
@@ -190,14 +207,21 @@ class Screener:
         batch, run by the first caller that asks for its map (after storing its scores, say),
         in its own thread: the batcher goes on with the next batch meanwhile.
 
-        Returns per row (probabilities, None or a call that gives (its Grad-CAM map (H, W),
-        Grad-CAM ms per map of the batch))."""
+        Returns per row (probabilities, its Reliability (OOD score, uncertainty), None or a call
+        that gives (its Grad-CAM map (H, W), Grad-CAM ms per map of the batch)). A row the OOD
+        gate will refuse gets no Grad-CAM."""
         logits, features = self.forward(x)
         probs = calibrated(logits, temperature=self.meta.temperature, bias=self.meta.bias)
         rows = list(probs)
-        need = [i for i, (p, want) in enumerate(zip(rows, want_cam)) if want and self._wants_cam(p)]
+        if features is not None:
+            rel = assess(self.loaded.model, features, probs, ood=self.loaded.ood, temperature=self.meta.temperature,
+                         bias=self.meta.bias, method=self.meta.uncertainty.get("method"))
+        else:  # a backbone without conv_head: no pooled features from this pass
+            rel = [Reliability(None, None)] * len(rows)
+        need = [i for i, (p, want) in enumerate(zip(rows, want_cam))
+                if want and self._wants_cam(p) and ood_rejection(rel[i].ood_score, self.meta) is None]
         if not need:
-            return [(p, None) for p in rows]
+            return [(p, r, None) for p, r in zip(rows, rel)]
 
         def compute() -> tuple[dict[int, np.ndarray], float]:
             t = time.perf_counter()
@@ -216,7 +240,7 @@ class Screener:
             maps, per_map_ms = cams()
             return maps[i], per_map_ms
 
-        return [(p, partial(cam_of, i) if i in need else None) for i, p in enumerate(rows)]
+        return [(p, rel[i], partial(cam_of, i) if i in need else None) for i, p in enumerate(rows)]
 
     def _wants_cam(self, probs: np.ndarray) -> bool:
         if self.options.heatmaps == "all":
@@ -248,17 +272,23 @@ class Screener:
                 self._decoding -= 1
         t1 = time.perf_counter()
         want_cam = heatmap_to is not None and self.options.heatmaps != "none"
-        (probs_arr, cam_of), batch_size = self.run_forward(x[None], want_cam)
+        (probs_arr, rel, cam_of), batch_size = self.run_forward(x[None], want_cam)
         t2 = time.perf_counter()
+        if (rejection := ood_rejection(rel.ood_score, self.meta)) is not None:
+            return Outcome(status=status_for(rejection.code), reject_code=rejection.code.value, error=str(rejection),
+                           ood_score=rel.ood_score, metadata={**metadata, "ood_score": round(rel.ood_score, 3)})
         probs = {c: float(p) for c, p in zip(self.meta.classes, probs_arr)}
         predicted = max(probs, key=probs.__getitem__)
         risk, flagged = risk_and_flag(probs, self.meta)
+        threshold = self.meta.uncertainty_threshold
+        uncertain = None if rel.uncertainty is None or threshold is None else bool(rel.uncertainty >= threshold)
+        known = {"ood_score": rel.ood_score, "uncertainty": rel.uncertainty, "uncertain": uncertain}
         heatmap_path = None
         timings = {"decode_preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "batch_size": batch_size}
         if on_scored is not None:
             on_scored(Outcome(status="done", probabilities=probs, predicted_class=predicted, risk=risk,
                               flagged=flagged, timings_ms={k: round(v, 2) for k, v in timings.items()},
-                              metadata=metadata))
+                              metadata=metadata, **known))
         if cam_of is not None:
             cam, cam_ms = cam_of()  # this study's map, and its share of the batch's Grad-CAM time
             t3 = time.perf_counter()
@@ -273,4 +303,5 @@ class Screener:
             heatmap_path=heatmap_path,
             timings_ms={k: round(v, 2) for k, v in timings.items()},
             metadata=metadata,
+            **known,
         )
