@@ -168,3 +168,133 @@ def test_generated_key_survives_restarts_and_is_shared(tmp_path):
     assert load_or_create_key(key_file) == k1 and len(k1) == 64
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
     assert [p.name for p in key_file.parent.iterdir()] == ["pseudonym.key"]  # no temporary left behind
+
+
+# --- One SOP Instance UID, two different films ------------------------------------------
+
+def same_uid_as(ds, *, seed: int | None = None, **tags):
+    """A film claiming ``ds``'s SOP Instance UID: ``ds`` itself (or the pixels of another
+    seed), with the same Study/Series UIDs and accession unless ``tags`` change them."""
+    import copy
+
+    other = copy.deepcopy(ds) if seed is None else chest_dataset(320, seed=seed)
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "AccessionNumber"):
+        setattr(other, keyword, getattr(ds, keyword))
+    other.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in tags.items():
+        setattr(other, keyword, value)
+    return other
+
+
+def events(settings, study_id):
+    with session_scope(settings.database_url) as s:
+        return [(e.status, e.detail) for e in repo.study_events(s, study_id=study_id)]
+
+
+@pytest.mark.parametrize("syntax", ["implicit", "deflated", "big_endian", "rle", "jpeg_ls", "j2k"])
+def test_a_lossless_transcoding_is_still_a_resend(env, syntax):
+    """Same dataset, other transfer syntax: the decoded pixels agree, so one study, not screened twice."""
+    from tests.dicomgen import missing_encoder
+
+    if (why := missing_encoder(syntax)) is not None:
+        pytest.skip(why)
+    settings, _ = env
+    ds = chest_dataset(320, seed=60)
+    first = submit(env, to_bytes(ds), "film.dcm")
+    again = submit(env, encode(ds, syntax), f"film-{syntax}.dcm", "api")
+    assert (again.study_id, again.duplicate, again.marker, again.created) == (
+        first.study_id, "same_sop_instance", None, False)
+    (study,) = rows(settings, Study)
+    assert study.marker is None and study.conflicts_with is None
+    files = rows(settings, StudyFile)
+    assert len(files) == 2 and len({f.pixel_sha256 for f in files}) == 1 and files[0].pixel_sha256
+    assert queued(settings) == 1
+
+
+CONFLICTS = {
+    # name: (changes to the first film, the difference named in the sentence)
+    "other_patient": (dict(PatientID="PID-other-patient-0002"), "another patient"),
+    "no_patient_id": (dict(PatientID=""), "another patient"),
+    "other_pixels": (dict(seed=71), "other pixels"),
+    "other_study_uid": (dict(StudyInstanceUID="1.2.826.0.1.3680043.8.498.777"), "another StudyInstanceUID"),
+    "other_series_uid": (dict(SeriesInstanceUID="1.2.826.0.1.3680043.8.498.778"), "another SeriesInstanceUID"),
+    "other_patient_and_pixels": (dict(seed=72, PatientID="PID-other-patient-0003"), "another patient"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CONFLICTS))
+def test_a_different_film_with_a_known_uid_is_its_own_marked_study(env, kind):
+    settings, _ = env
+    changes, said = CONFLICTS[kind]
+    ds = chest_dataset(320, seed=70)
+    first = submit(env, to_bytes(ds), "first.dcm")
+    second = submit(env, to_bytes(same_uid_as(ds, **changes)), "second.dcm", "api")
+    assert second.created and second.study_id != first.study_id and second.duplicate is None
+    assert second.marker == "uid_conflict" and second.status == "queued"
+    assert queued(settings) == 2  # both screened
+    with session_scope(settings.database_url) as s:
+        owner, newcomer = s.get(Study, first.study_id), s.get(Study, second.study_id)
+        assert owner.marker is None and owner.conflicts_with is None
+        assert newcomer.sop_instance_uid == owner.sop_instance_uid == ds.SOPInstanceUID
+        assert newcomer.conflicts_with == owner.id
+        assert newcomer.marker_detail.startswith("uid_conflict: ") and said in newcomer.marker_detail
+        assert str(owner.id) in newcomer.marker_detail and "PID-other" not in newcomer.marker_detail
+        summary = repo.study_summary(newcomer, None)
+        assert (summary["marker"], summary["conflicts_with"]) == ("uid_conflict", str(owner.id))
+        files = {f.study_id: f for f in s.scalars(select(StudyFile))}
+        assert set(files) == {owner.id, newcomer.id}  # nothing merged
+    assert any(d and d.startswith("uid_conflict: ") for _, d in events(settings, second.study_id))
+    assert any(d and d.startswith("uid_conflict: ") and str(second.study_id) in d
+               for _, d in events(settings, first.study_id))
+
+
+def test_a_resend_of_the_conflicting_film_joins_it_and_a_third_film_is_marked_too(env):
+    settings, _ = env
+    ds = chest_dataset(320, seed=80)
+    other = same_uid_as(ds, seed=81)
+    first = submit(env, to_bytes(ds), "first.dcm")
+    second = submit(env, to_bytes(other), "second.dcm")
+    assert second.marker == "uid_conflict"
+    # Each film re-sent in another syntax joins its own study.
+    assert submit(env, encode(other, "rle"), "second-rle.dcm").study_id == second.study_id
+    assert submit(env, encode(ds, "implicit"), "first-implicit.dcm").study_id == first.study_id
+    third = submit(env, to_bytes(same_uid_as(ds, seed=82)), "third.dcm")
+    assert third.marker == "uid_conflict" and third.study_id not in (first.study_id, second.study_id)
+    with session_scope(settings.database_url) as s:
+        assert s.get(Study, third.study_id).conflicts_with == first.study_id  # the owner, not the other newcomer
+    assert len(rows(settings, Study)) == 3 and len(rows(settings, StudyFile)) == 5 and queued(settings) == 3
+
+
+def test_a_copy_whose_pixels_cannot_be_compared_is_not_merged_into_a_screened_study(env):
+    """The first copy is fine and queued; a truncated copy with the same header cannot be
+    compared: it is kept apart (screened, so rejected as unreadable), marked, not merged."""
+    settings, _ = env
+    ds = chest_dataset(320, seed=90)
+    good = to_bytes(ds)
+    first = submit(env, good, "film.dcm")
+    cut = submit(env, good[: len(good) // 2], "film-cut.dcm")
+    assert cut.study_id != first.study_id and cut.marker == "uid_conflict"
+    with session_scope(settings.database_url) as s:
+        assert "could not be compared" in s.get(Study, cut.study_id).marker_detail
+
+
+def test_conflicting_films_racing_in_two_threads_are_never_merged(env):
+    """Two films with one UID (and a re-send of each) arriving at once, through both routes:
+    one owner, one conflicting study, each file on its own film's study."""
+    import threading
+
+    settings, _ = env
+    ds = chest_dataset(320, seed=95)
+    other = same_uid_as(ds, PatientID="PID-other-patient-0005")
+    inputs = [(to_bytes(ds), "a.dcm", "watch"), (to_bytes(other), "b.dcm", "api"),
+              (encode(ds, "implicit"), "a2.dcm", "api"), (encode(other, "implicit"), "b2.dcm", "watch")]
+    out: dict[str, object] = {}
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i[1], submit(env, *i))) for i in inputs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out["a.dcm"].study_id == out["a2.dcm"].study_id and out["b.dcm"].study_id == out["b2.dcm"].study_id
+    assert out["a.dcm"].study_id != out["b.dcm"].study_id
+    studies = rows(settings, Study)
+    assert len(studies) == 2 and sum(1 for s in studies if s.marker == "uid_conflict") == 1
