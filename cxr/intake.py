@@ -39,7 +39,7 @@ class Intaken:
     status: str
     created: bool
     duplicate: str | None = None  # "same_bytes" | "same_sop_instance" when an existing study was found
-    marker: str | None = None  # cxr.identity.UID_CONFLICT: a new study whose SOP Instance UID was taken
+    marker: str | None = None  # the study's marker: cxr.identity.UID_CONFLICT when its SOP Instance UID was taken
 
 
 class DiskFullError(OSError):
@@ -113,8 +113,8 @@ def register(
             repo.link_job_study(session, job=job, study=res.study, filename=name, position=position)
         dup = res.duplicate.value if res.duplicate else None
         out = Intaken(study_id=res.study.id, filename=name, status=res.study.status, created=res.created,
-                      duplicate=dup, marker=res.study.marker if res.created else None)
-    if out.marker:
+                      duplicate=dup, marker=res.study.marker)
+    if out.marker and res.created:
         log.warning("study %s: %s", out.study_id, res.study.marker_detail)
     if res.enqueue:
         enqueue_study(celery, str(out.study_id), priority=priority)

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 from celery import Celery
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
 from cxr.db import repo
 from cxr.db.migrate import upgrade
@@ -177,7 +177,7 @@ def same_uid_as(ds, *, seed: int | None = None, **tags):
     seed), with the same Study/Series UIDs and accession unless ``tags`` change them."""
     import copy
 
-    other = copy.deepcopy(ds) if seed is None else chest_dataset(320, seed=seed)
+    other = copy.deepcopy(ds) if seed is None else chest_dataset(320, seed=seed, bits=int(ds.BitsStored))
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "AccessionNumber"):
         setattr(other, keyword, getattr(ds, keyword))
     other.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -298,3 +298,96 @@ def test_conflicting_films_racing_in_two_threads_are_never_merged(env):
     assert out["a.dcm"].study_id != out["b.dcm"].study_id
     studies = rows(settings, Study)
     assert len(studies) == 2 and sum(1 for s in studies if s.marker == "uid_conflict") == 1
+
+
+def test_uid_conflicts_through_the_embedded_stack(tmp_path, tiny_bundle):
+    """`cxr up` (API, watcher, worker; SQLite, filesystem broker). The owner film and a film of
+    another patient with its UID come through the inbox (as the field case: JPEG baseline CR),
+    a lossless re-send and a film with other pixels through POST /jobs. The re-send joins the
+    owner without a second screening; both conflicting films are screened, and every view says
+    uid_conflict: the worklist (table, CSV, JSON, HTML), `cxr study show`, GET /studies/{id}."""
+    import csv
+    import io as _io
+    import json
+
+    import httpx
+
+    from cxr.db.models import Result
+    from tests.dicomgen import missing_encoder
+    from tests.stack import Stack, clean_env, cxr, free_port, wait_until
+
+    home, inbox = tmp_path / "var", tmp_path / "inbox"
+    (tmp_path / "logs").mkdir()
+    port = free_port()
+    env = clean_env(CXR_HOME=str(home), CXR_INBOX=str(inbox), CXR_CHECKPOINT=str(tiny_bundle),
+                    CXR_WATCH_SETTLE_SECONDS="0.3")
+    jpeg = missing_encoder("jpeg_baseline") is None
+    owner_ds = chest_dataset(320, seed=100, bits=8 if jpeg else 12)
+    patient_b = same_uid_as(owner_ds, seed=101, PatientID="PID-second-patient-0101")
+    encode_as = (lambda ds: encode(ds, "jpeg_baseline")) if jpeg else to_bytes
+    db_url = f"sqlite:///{home / 'cxr.db'}"
+    stack = Stack(log_dir=tmp_path / "logs", env=env)
+    stack.start("up", "up", "--port", str(port))
+    try:
+        base = f"http://127.0.0.1:{port}"
+        stack.wait_http(f"{base}/health")
+
+        def studies(count: int):
+            stack.assert_running()
+            with session_scope(db_url) as s:
+                found = s.scalars(select(Study).order_by(Study.created_at)).all()
+            return found if len(found) == count and all(st.status == "done" for st in found) else None
+
+        owner_bytes = encode_as(owner_ds)
+        (inbox / "owner.dcm").write_bytes(owner_bytes)
+        (owner,) = wait_until(lambda: studies(1), timeout=120, describe=stack.logs)
+        (inbox / "patient-b.dcm").write_bytes(encode_as(patient_b))
+        owner, b = wait_until(lambda: studies(2), timeout=120, describe=stack.logs)
+        assert list(inbox.iterdir()) == []  # taken in, not deleted as a re-send
+
+        # Through the API: a true re-send of the owner (lossless: RLE of its decoded pixels) and
+        # a film of the owner's patient with the same UIDs but other pixels.
+        from pydicom import dcmread
+
+        resend = dcmread(_io.BytesIO(owner_bytes))
+        resend.decompress(generate_instance_uid=False)
+        other_pixels = same_uid_as(owner_ds, seed=102)
+        r = httpx.post(f"{base}/jobs", files=[("files", ("resend.dcm", encode(resend, "rle"), "application/dicom")),
+                                              ("files", ("other.dcm", to_bytes(other_pixels), "application/dicom"))],
+                       timeout=60)
+        assert r.status_code == 202, r.text
+        ref_resend, ref_other = r.json()["studies"]
+        assert (ref_resend["study_id"], ref_resend["duplicate"], ref_resend["marker"]) == (
+            str(owner.id), "same_sop_instance", None)
+        assert ref_other["marker"] == "uid_conflict" and ref_other["duplicate"] is None
+        owner, b, c = wait_until(lambda: studies(3), timeout=120, describe=stack.logs)
+        assert str(c.id) == ref_other["study_id"]
+        with session_scope(db_url) as s:
+            assert s.scalar(select(func.count(Result.id)).where(Result.study_id == owner.id)) == 1  # once
+            assert s.scalar(select(func.count(StudyFile.id)).where(StudyFile.study_id == owner.id)) == 2
+        for st, said in ((b, "another patient"), (c, "other pixels")):
+            assert st.marker == "uid_conflict" and st.conflicts_with == owner.id and said in st.marker_detail
+
+        # Every view shows it.
+        body = httpx.get(f"{base}/studies/{b.id}", timeout=30).json()
+        assert (body["marker"], body["conflicts_with"]) == ("uid_conflict", str(owner.id))
+        assert httpx.get(f"{base}/studies/{owner.id}", timeout=30).json()["marker"] is None
+        wl = {w["study_id"]: w for w in json.loads(cxr("worklist", "-f", "json", env=env).stdout)}
+        assert [wl[str(x.id)]["marker"] for x in (owner, b, c)] == [None, "uid_conflict", "uid_conflict"]
+        rows_csv = {r["study_id"]: r for r in csv.DictReader(_io.StringIO(cxr("worklist", "-f", "csv", env=env).stdout))}
+        assert rows_csv[str(b.id)]["marker"] == "uid_conflict" and rows_csv[str(owner.id)]["marker"] == ""
+        assert "another patient" in rows_csv[str(b.id)]["marker_detail"]
+        table = cxr("worklist", env=env).stdout
+        assert table.count("uid_conflict") == 2 and "marker" in table.splitlines()[1]
+        html = cxr("worklist", "-f", "html", env=env).stdout
+        assert html.count('class="badge mark"') == 2 and "another patient" in html
+        shown = cxr("study", "show", str(b.id), env=env).stdout
+        assert "uid_conflict" in shown and str(owner.id) in shown
+        history = json.loads(cxr("study", "show", str(owner.id), "-f", "json", env=env).stdout)["history"]
+        assert any((h["detail"] or "").startswith("uid_conflict: ") and str(b.id) in h["detail"] for h in history)
+        stack.assert_running()
+    finally:
+        codes = stack.stop()
+    assert codes["up"] == 0, stack.logs()
+    logs = stack.logs()
+    assert "uid_conflict" in logs and "PID-second-patient" not in logs and SECRET_PATIENT_ID not in logs
