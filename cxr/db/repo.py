@@ -200,14 +200,18 @@ def intake_file(
 
 
 def _same_pixels(session: Session, study: Study, *, stored_path: str, pixels: PixelFingerprint | None) -> bool | None:
-    """Whether a new file's decoded pixels equal those of ``study``'s primary file (None: one
-    of them cannot be decoded, or no ``pixels``). The study's hash is kept once computed."""
+    """Whether a new file's decoded pixels equal ``study``'s (None: they cannot be compared,
+    because a file does not decode or no ``pixels`` is given). The study's files whose hash
+    is known count; else its primary file is decoded once and its hash kept."""
     if pixels is None:
         return None
     new = pixels(stored_path)
     if new is None:
         return None
-    primary = session.scalar(select(StudyFile).where(StudyFile.sha256 == study.sha256))
+    files = list(session.scalars(select(StudyFile).where(StudyFile.study_id == study.id)))
+    if any(f.pixel_sha256 == new for f in files):
+        return True
+    primary = next((f for f in files if f.sha256 == study.sha256), None)
     known = primary.pixel_sha256 if primary is not None else None
     if known is None:
         known = pixels(study.stored_path)
