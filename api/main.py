@@ -56,7 +56,6 @@ if get_settings().cors_origins:
                        allow_headers=["X-API-Key", "Content-Type"])
 
 
-
 @app.exception_handler(DatabaseNotReady)
 @app.exception_handler(OperationalError)
 async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:

@@ -374,7 +374,8 @@ def test_uid_conflicts_through_the_embedded_stack(tmp_path, tiny_bundle):
         assert httpx.get(f"{base}/studies/{owner.id}", timeout=30).json()["marker"] is None
         wl = {w["study_id"]: w for w in json.loads(cxr("worklist", "-f", "json", env=env).stdout)}
         assert [wl[str(x.id)]["marker"] for x in (owner, b, c)] == [None, "uid_conflict", "uid_conflict"]
-        rows_csv = {r["study_id"]: r for r in csv.DictReader(_io.StringIO(cxr("worklist", "-f", "csv", env=env).stdout))}
+        listed = cxr("worklist", "-f", "csv", env=env).stdout
+        rows_csv = {r["study_id"]: r for r in csv.DictReader(_io.StringIO(listed))}
         assert rows_csv[str(b.id)]["marker"] == "uid_conflict" and rows_csv[str(owner.id)]["marker"] == ""
         assert "another patient" in rows_csv[str(b.id)]["marker_detail"]
         table = cxr("worklist", env=env).stdout

@@ -3,8 +3,8 @@
 A SOP Instance UID is no longer unique across studies: one study owns it (a partial unique
 index where ``conflicts_with`` is NULL), and a different film arriving with the same UID
 is its own study, marked (``marker``, ``marker_detail``) and pointing at the owner
-(``conflicts_with``); ``film_key`` keeps two copies of one such film in one study. ``study_files.pixel_sha256`` keeps a file's decoded-pixel hash once
-computed.
+(``conflicts_with``); ``film_key`` keeps two copies of one such film in one study.
+``study_files.pixel_sha256`` keeps a file's decoded-pixel hash once computed.
 
 Revision ID: 0007
 Revises: 0006
