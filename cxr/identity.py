@@ -49,6 +49,9 @@ _HEADER_FIELDS = (("patient_key", "patient"), ("study_instance_uid", "study_inst
                   ("series_instance_uid", "series_instance_uid"))
 
 
+_CHUNK = 1 << 20  # pixel values hashed per step
+
+
 class PixelsUnavailable(ValueError):
     """The pixels of a file cannot be decoded here (no pixel data, corrupt, too large, no codec)."""
 
@@ -99,10 +102,12 @@ def pixel_fingerprint(path: Path, *, max_pixels: int) -> str:
     frames = int(ds.get("NumberOfFrames") or 1)
     samples = int(ds.get("SamplesPerPixel") or 1)
     shape = (frames, int(ds.Rows), int(ds.Columns), samples)
-    values = arr.astype("<f8" if arr.dtype.kind == "f" else "<i8", copy=False)
+    canonical = "<f8" if arr.dtype.kind == "f" else "<i8"
     digest = hashlib.sha256()
-    digest.update(repr((shape, photometric, values.dtype.str)).encode("ascii"))
-    digest.update(np.ascontiguousarray(values).tobytes())
+    digest.update(repr((shape, photometric, canonical)).encode("ascii"))
+    flat = arr.reshape(-1)
+    for start in range(0, flat.size, _CHUNK):  # 8 MB at a time, whatever the image size
+        digest.update(flat[start:start + _CHUNK].astype(canonical).tobytes())
     return digest.hexdigest()
 
 

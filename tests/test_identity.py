@@ -191,7 +191,8 @@ def events(settings, study_id):
         return [(e.status, e.detail) for e in repo.study_events(s, study_id=study_id)]
 
 
-@pytest.mark.parametrize("syntax", ["implicit", "deflated", "big_endian", "rle", "jpeg_ls", "j2k"])
+@pytest.mark.parametrize("syntax", ["implicit", "deflated", "big_endian", "rle", "jpeg_ls", "j2k",
+                                    "jpeg_lossless_sv1", "jpeg_lossless"])
 def test_a_lossless_transcoding_is_still_a_resend(env, syntax):
     """Same dataset, other transfer syntax: the decoded pixels agree, so one study, not screened twice."""
     from tests.dicomgen import missing_encoder
@@ -246,6 +247,21 @@ def test_a_different_film_with_a_known_uid_is_its_own_marked_study(env, kind):
     assert any(d and d.startswith("uid_conflict: ") for _, d in events(settings, second.study_id))
     assert any(d and d.startswith("uid_conflict: ") and str(second.study_id) in d
                for _, d in events(settings, first.study_id))
+
+
+@pytest.mark.parametrize("syntax", ["j2k_lossy", "jpeg_ls_near"])
+def test_a_lossy_transcoding_changes_the_pixels_so_it_is_kept_apart_and_marked(env, syntax):
+    from tests.dicomgen import missing_encoder
+
+    if (why := missing_encoder(syntax)) is not None:
+        pytest.skip(why)
+    ds = chest_dataset(320, seed=75)
+    first = submit(env, to_bytes(ds), "film.dcm")
+    lossy = submit(env, encode(ds, syntax), f"film-{syntax}.dcm")
+    assert lossy.study_id != first.study_id and lossy.marker == "uid_conflict"
+    settings, _ = env
+    with session_scope(settings.database_url) as s:
+        assert "other pixels" in s.get(Study, lossy.study_id).marker_detail
 
 
 def test_a_resend_of_the_conflicting_film_joins_it_and_a_third_film_is_marked_too(env):

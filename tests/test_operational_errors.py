@@ -7,6 +7,7 @@ an unknown newer revision, and a Postgres that cannot be reached (a closed port)
 from __future__ import annotations
 
 import io
+import os
 import uuid
 
 import pytest
@@ -78,7 +79,7 @@ COMMANDS = [
 @pytest.fixture
 def state(request, tmp_path, monkeypatch):
     url, phrase = make_state(request.param, tmp_path)
-    for k in [k for k in __import__("os").environ if k.startswith("CXR_")]:
+    for k in [k for k in os.environ if k.startswith("CXR_")]:
         monkeypatch.delenv(k)
     monkeypatch.setenv("CXR_HOME", str(tmp_path / "var"))
     monkeypatch.setenv("CXR_DATABASE_URL", url)
