@@ -34,8 +34,14 @@ def _sql(url: str, *statements: str) -> None:
         engine.dispose()
 
 
-def make_state(kind: str, tmp_path) -> tuple[str, str]:
+def make_state(kind: str, tmp_path, request) -> tuple[str, str]:
     """(CXR_DATABASE_URL, a phrase the sentence must hold) for a database in state ``kind``."""
+    if kind.startswith("postgres_"):  # a fresh, empty Postgres database of the test's own
+        url = request.getfixturevalue("postgres_url")
+        if kind == "postgres_no_schema":
+            return url, "has no schema yet: run `cxr db upgrade` or `cxr up`"
+        upgrade(url, "0006")
+        return url, "database at revision 0006, this code needs "
     path = tmp_path / "var" / "cxr.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{path}"
@@ -62,7 +68,8 @@ def make_state(kind: str, tmp_path) -> tuple[str, str]:
 
 
 KINDS = ["missing", "empty_file", "first_migration_running", "older_revision", "newer_revision",
-         "unreachable_postgres"]
+         "unreachable_postgres", pytest.param("postgres_no_schema", marks=pytest.mark.distributed),
+         pytest.param("postgres_older_revision", marks=pytest.mark.distributed)]
 
 COMMANDS = [
     ["worklist"],
@@ -78,7 +85,7 @@ COMMANDS = [
 
 @pytest.fixture
 def state(request, tmp_path, monkeypatch):
-    url, phrase = make_state(request.param, tmp_path)
+    url, phrase = make_state(request.param, tmp_path, request)
     for k in [k for k in os.environ if k.startswith("CXR_")]:
         monkeypatch.delenv(k)
     monkeypatch.setenv("CXR_HOME", str(tmp_path / "var"))
