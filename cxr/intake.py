@@ -87,6 +87,10 @@ def register(
     The row is committed before the task is sent, so a worker never sees an unknown id.
     A file name with path separators or ``..`` makes the study ``rejected`` (code
     ``bad_filename``); its bytes are kept in the store all the same.
+
+    A DICOM file whose SOP Instance UID is already known is compared with the studies
+    holding it (header, then decoded pixels: ``repo.intake_file``); a different film becomes
+    its own study with ``Intaken.marker`` ``uid_conflict``, logged as a warning.
     """
     name = safe_filename(filename)
     problem = filename_problem(filename)
