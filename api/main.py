@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from celery import Celery
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, UploadFile
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from api.deps import celery_dep, require_api_key, session_dep, settings_dep
@@ -32,6 +33,7 @@ from cxr import DISCLAIMER, __version__
 from cxr.bundle import BundleError, file_sha256, read_meta
 from cxr.db import repo
 from cxr.db.models import StudyStatus
+from cxr.db.session import DatabaseNotReady, database_problem
 from cxr.intake import DiskFullError, Intaken, check_free_space, register
 from cxr.metrics import api_metrics
 from cxr.queue import PRIORITY_BATCH, PRIORITY_HIGH, fire_callbacks
@@ -53,6 +55,17 @@ if get_settings().cors_origins:
     app.add_middleware(CORSMiddleware, allow_origins=get_settings().cors_origins, allow_methods=["GET", "POST"],
                        allow_headers=["X-API-Key", "Content-Type"])
 
+
+@app.exception_handler(DatabaseNotReady)
+@app.exception_handler(OperationalError)
+async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """Any route: a database that is missing, unreachable or not migrated is a 503 whose
+    ``detail`` is the sentence the CLI prints (``cxr.db.session.database_problem``)."""
+    problem = database_problem(get_settings().database_url, exc)
+    log.error("%s %s: %s", request.method, request.url.path, problem)
+    return JSONResponse({"detail": str(problem)}, status_code=503)
+
+
 SettingsDep = Annotated[Settings, Depends(settings_dep)]
 SessionDep = Annotated[Session, Depends(session_dep)]
 CeleryDep = Annotated[Celery, Depends(celery_dep)]
@@ -65,7 +78,7 @@ class Error(BaseModel):
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": Error} for code in (401, 422, *codes)}
+    return {code: {"model": Error} for code in (401, 422, 503, *codes)}
 
 
 class StudyRef(BaseModel):
@@ -73,6 +86,7 @@ class StudyRef(BaseModel):
     filename: str
     status: str
     duplicate: str | None = None  # "same_bytes" or "same_sop_instance": linked to an existing study
+    marker: str | None = None  # "uid_conflict": a new study whose SOP Instance UID belonged to another film
 
 
 class JobCreated(BaseModel):
@@ -101,6 +115,7 @@ class Prediction(BaseModel):
     error: str | None = None
     filename: str | None = None
     duplicate: str | None = None
+    marker: str | None = None  # "uid_conflict": its SOP Instance UID belonged to another film first
     disclaimer: str = DISCLAIMER
 
 
@@ -198,7 +213,8 @@ def _prediction(session: Session, ref: Intaken) -> dict[str, Any]:
     infer = (summary["timings_ms"] or {}).get("infer")
     scored = result is not None and study.status in (StudyStatus.processing.value, StudyStatus.done.value)
     return {**{k: summary[k] for k in ("predicted_class", "confidence", "probabilities", "model_version", "flagged",
-                                       "risk", "uncertainty", "uncertain", "ood_score", "reject_code", "error")},
+                                       "risk", "uncertainty", "uncertain", "ood_score", "reject_code", "error",
+                                       "marker")},
             # Scored is done for a prediction; the study itself turns `done` once its heatmap is written.
             "status": StudyStatus.done.value if scored else study.status,
             "heatmap_ready": bool(result is not None and result.heatmap_path),
@@ -307,7 +323,8 @@ def create_job(
                           callback_url=callback_url)
     if callback_url:
         fire_callbacks(celery, settings.database_url, job_id=job_id)  # every study may be known and finished
-    refs = [StudyRef(study_id=o.study_id, filename=o.filename, status=o.status, duplicate=o.duplicate) for o in out]
+    refs = [StudyRef(study_id=o.study_id, filename=o.filename, status=o.status, duplicate=o.duplicate,
+                     marker=o.marker) for o in out]
     return JobCreated(job_id=job_id, studies=refs)
 
 

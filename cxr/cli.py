@@ -18,11 +18,37 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from cxr import DISCLAIMER
 from cxr.settings import get_settings
 
+
+class Commands(TyperGroup):
+    """The ``cxr`` command group. Operational database errors (no database yet, a schema at
+    another revision or being migrated, a server that cannot be reached) end every command
+    here, in one place: one red sentence saying what to run (``cxr.db.session.database_problem``,
+    passwords hidden), exit code 2, no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            from sqlalchemy.exc import SQLAlchemyError
+
+            if not isinstance(e, SQLAlchemyError):
+                raise
+            from cxr.db.session import database_problem
+
+            problem = database_problem(get_settings().database_url, e)
+            if problem is None:
+                raise
+            typer.secho(str(problem), err=True, fg=typer.colors.RED)
+            raise typer.Exit(2) from None
+
+
 app = typer.Typer(
+    cls=Commands,
     help="cxr-screen: batch screening of chest radiographs (Normal / Pneumonia / Tuberculosis) "
     "with Grad-CAM heatmaps. " + DISCLAIMER,
     no_args_is_help=True,
@@ -72,17 +98,12 @@ def require_bundle(checkpoint: Path | None = None, *, use_registry: bool = True)
 
     Order: --checkpoint, CXR_CHECKPOINT, the version activated in the database (unless
     use_registry is False, as for `cxr predict`), the shipped models/cxr-default.safetensors."""
-    from sqlalchemy.exc import OperationalError, ProgrammingError
-
     from cxr.bundle import NO_BUNDLE_HELP, BundleError, read_meta
     from cxr.registry import resolve_bundle
 
     settings = get_settings()
-    try:
-        path = checkpoint.resolve() if checkpoint else resolve_bundle(settings, use_registry=use_registry)
-    except (OperationalError, ProgrammingError) as e:
-        raise fail(f"cannot read the model registry from the database ({type(e).__name__}: {e.orig}); "
-                   "is CXR_DATABASE_URL right, and has `cxr db upgrade` been run?")
+    # A database that is missing, unreachable or not migrated ends the command in Commands.invoke.
+    path = checkpoint.resolve() if checkpoint else resolve_bundle(settings, use_registry=use_registry)
     if path is None:
         raise fail(NO_BUNDLE_HELP)
     try:
@@ -324,10 +345,10 @@ def up(
 
 
 def _warn_if_open(settings, host: str) -> None:
-    from sqlalchemy.exc import OperationalError, ProgrammingError
+    from sqlalchemy.exc import SQLAlchemyError
 
     from cxr.db import repo
-    from cxr.db.session import session_scope
+    from cxr.db.session import database_problem, session_scope
 
     if settings.api_keys:
         return
@@ -335,8 +356,9 @@ def _warn_if_open(settings, host: str) -> None:
         with session_scope(settings.database_url) as session:
             if repo.api_key_status(session, key_sha256=None)[0]:
                 return
-    except (OperationalError, ProgrammingError) as e:
-        log.warning("cannot read API keys from the database (%s); run `cxr db upgrade`", type(e).__name__)
+    except SQLAlchemyError as e:  # the API starts all the same; its routes answer 503 with this sentence
+        log.warning("cannot read API keys from the database: %s", database_problem(settings.database_url, e) or
+                    type(e).__name__)
     log.warning("no API key is configured (CXR_API_KEYS or `cxr apikey create`): the API on %s is open to anyone "
                 "who can reach it%s", host, "" if host in ("127.0.0.1", "localhost", "::1") else
                 "; it is bound to a non-loopback address")
@@ -479,15 +501,16 @@ def submit(
     typer.echo(DISCLAIMER, err=True)
 
 
+# `marker`: e.g. uid_conflict (cxr.identity), a study screened as usual that a reader must look at twice.
 WORKLIST_COLUMNS = ("study_id", "filename", "status", "flagged", "uncertain", "predicted_class", "risk",
-                    "probabilities", "uncertainty", "ood_score", "reject_code", "error")
+                    "probabilities", "uncertainty", "ood_score", "reject_code", "error", "marker", "marker_detail")
 # (title, statuses, columns) of the worklist table's sections.
 WORKLIST_SECTIONS = (
     ("Scored", ("done",), ("study_id", "filename", "flagged", "uncertain", "predicted_class", "risk",
-                           "probabilities", "uncertainty")),
-    ("Pending", ("queued", "processing"), ("study_id", "filename", "status")),
+                           "probabilities", "uncertainty", "marker")),
+    ("Pending", ("queued", "processing"), ("study_id", "filename", "status", "marker")),
     ("Rejected and failed (not scored)", ("rejected", "failed"),
-     ("study_id", "filename", "status", "reject_code", "error")),
+     ("study_id", "filename", "status", "reject_code", "error", "marker")),
 )
 
 
@@ -690,7 +713,8 @@ def study_show(
         typer.echo(json.dumps({**summary, "history": history}, indent=2, default=str))
     else:
         fields = ("study_id", "filename", "source", "status", "predicted_class", "risk", "flagged", "uncertain",
-                  "uncertainty", "ood_score", "reject_code", "error", "model_version", "worker_id", "lease_expires_at", "created_at", "finished_at")
+                  "uncertainty", "ood_score", "reject_code", "error", "marker", "marker_detail", "conflicts_with",
+                  "model_version", "worker_id", "lease_expires_at", "created_at", "finished_at")
         width = max(map(len, fields))
         typer.echo("\n".join(f"{k.ljust(width)}  {'' if summary.get(k) is None else summary[k]}" for k in fields))
         typer.echo("\nHistory")

@@ -3,8 +3,10 @@
 Identity is decided here, before any worker sees the file:
 
 - the same bytes (sha256) always give the same study;
-- for DICOM, the header is read (never the pixels) and the same SOP Instance UID with
-  different bytes (a re-sent, transcoded copy) joins the existing study as another file;
+- for DICOM, the header is read and the same SOP Instance UID with different bytes joins
+  the existing study as another file when it is a re-send (same patient, Study and Series
+  UIDs, same decoded pixels: a transcoded copy); otherwise it is its own study, marked
+  ``uid_conflict`` (``cxr.identity``). Pixels are decoded only on such a UID collision;
 - the study keeps the DICOM metadata, with the patient pseudonymised (``cxr.dicom``).
 """
 
@@ -22,6 +24,7 @@ from cxr.db import repo
 from cxr.db.models import Job
 from cxr.db.session import session_scope
 from cxr.dicom import pseudonym_key, read_header
+from cxr.identity import fingerprinter
 from cxr.queue import PRIORITY_BATCH, enqueue_study
 from cxr.settings import Settings
 from cxr.store import Stored, safe_filename
@@ -36,6 +39,7 @@ class Intaken:
     status: str
     created: bool
     duplicate: str | None = None  # "same_bytes" | "same_sop_instance" when an existing study was found
+    marker: str | None = None  # the study's marker: cxr.identity.UID_CONFLICT when its SOP Instance UID was taken
 
 
 class DiskFullError(OSError):
@@ -83,6 +87,10 @@ def register(
     The row is committed before the task is sent, so a worker never sees an unknown id.
     A file name with path separators or ``..`` makes the study ``rejected`` (code
     ``bad_filename``); its bytes are kept in the store all the same.
+
+    A DICOM file whose SOP Instance UID is already known is compared with the studies
+    holding it (header, then decoded pixels: ``repo.intake_file``); a different film becomes
+    its own study with ``Intaken.marker`` ``uid_conflict``, logged as a warning.
     """
     name = safe_filename(filename)
     problem = filename_problem(filename)
@@ -102,13 +110,16 @@ def register(
             size_bytes=stored.size_bytes,
             metadata=metadata,
             reject=("bad_filename", problem) if problem else None,
+            pixels=fingerprinter(max_pixels=settings.max_image_pixels) if header is not None else None,
         )
         if job_id is not None:
             job = session.get(Job, job_id)
             repo.link_job_study(session, job=job, study=res.study, filename=name, position=position)
         dup = res.duplicate.value if res.duplicate else None
         out = Intaken(study_id=res.study.id, filename=name, status=res.study.status, created=res.created,
-                      duplicate=dup)
+                      duplicate=dup, marker=res.study.marker)
+    if out.marker and res.created:
+        log.warning("study %s: %s", out.study_id, res.study.marker_detail)
     if res.enqueue:
         enqueue_study(celery, str(out.study_id), priority=priority)
         log.info("study %s queued (source=%s, sha256=%s%s)", out.study_id, source, stored.sha256[:12],

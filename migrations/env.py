@@ -34,6 +34,13 @@ def run_migrations_online() -> None:
     url = database_url()
     engine = make_engine(url)
     with engine.connect() as connection:
+        if url.startswith("sqlite"):
+            # Batch migrations rebuild a SQLite table (copy, DROP, rename). With foreign keys
+            # enforced, dropping `studies` would first delete every row that references it
+            # (results, files, events: ON DELETE CASCADE). Off for the migration only; the
+            # pragma has no effect inside a transaction, so it is committed before.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
         context.configure(connection=connection, target_metadata=target_metadata,
                           render_as_batch=url.startswith("sqlite"))
         with context.begin_transaction():

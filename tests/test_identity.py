@@ -8,7 +8,7 @@ import stat
 
 import pytest
 from celery import Celery
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
 from cxr.db import repo
 from cxr.db.migrate import upgrade
@@ -168,3 +168,243 @@ def test_generated_key_survives_restarts_and_is_shared(tmp_path):
     assert load_or_create_key(key_file) == k1 and len(k1) == 64
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
     assert [p.name for p in key_file.parent.iterdir()] == ["pseudonym.key"]  # no temporary left behind
+
+
+# --- One SOP Instance UID, two different films ------------------------------------------
+
+def same_uid_as(ds, *, seed: int | None = None, **tags):
+    """A film claiming ``ds``'s SOP Instance UID: ``ds`` itself (or the pixels of another
+    seed), with the same Study/Series UIDs and accession unless ``tags`` change them."""
+    import copy
+
+    other = copy.deepcopy(ds) if seed is None else chest_dataset(320, seed=seed, bits=int(ds.BitsStored))
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "AccessionNumber"):
+        setattr(other, keyword, getattr(ds, keyword))
+    other.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in tags.items():
+        setattr(other, keyword, value)
+    return other
+
+
+def events(settings, study_id):
+    with session_scope(settings.database_url) as s:
+        return [(e.status, e.detail) for e in repo.study_events(s, study_id=study_id)]
+
+
+@pytest.mark.parametrize("syntax", ["implicit", "deflated", "big_endian", "rle", "jpeg_ls", "j2k",
+                                    "jpeg_lossless_sv1", "jpeg_lossless"])
+def test_a_lossless_transcoding_is_still_a_resend(env, syntax):
+    """Same dataset, other transfer syntax: the decoded pixels agree, so one study, not screened twice."""
+    from tests.dicomgen import missing_encoder
+
+    if (why := missing_encoder(syntax)) is not None:
+        pytest.skip(why)
+    settings, _ = env
+    ds = chest_dataset(320, seed=60)
+    first = submit(env, to_bytes(ds), "film.dcm")
+    again = submit(env, encode(ds, syntax), f"film-{syntax}.dcm", "api")
+    assert (again.study_id, again.duplicate, again.marker, again.created) == (
+        first.study_id, "same_sop_instance", None, False)
+    (study,) = rows(settings, Study)
+    assert study.marker is None and study.conflicts_with is None
+    files = rows(settings, StudyFile)
+    assert len(files) == 2 and len({f.pixel_sha256 for f in files}) == 1 and files[0].pixel_sha256
+    assert queued(settings) == 1
+
+
+CONFLICTS = {
+    # name: (changes to the first film, the difference named in the sentence)
+    "other_patient": (dict(PatientID="PID-other-patient-0002"), "another patient"),
+    "no_patient_id": (dict(PatientID=""), "another patient"),
+    "other_pixels": (dict(seed=71), "other pixels"),
+    "other_study_uid": (dict(StudyInstanceUID="1.2.826.0.1.3680043.8.498.777"), "another StudyInstanceUID"),
+    "other_series_uid": (dict(SeriesInstanceUID="1.2.826.0.1.3680043.8.498.778"), "another SeriesInstanceUID"),
+    "other_patient_and_pixels": (dict(seed=72, PatientID="PID-other-patient-0003"), "another patient"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CONFLICTS))
+def test_a_different_film_with_a_known_uid_is_its_own_marked_study(env, kind):
+    settings, _ = env
+    changes, said = CONFLICTS[kind]
+    ds = chest_dataset(320, seed=70)
+    first = submit(env, to_bytes(ds), "first.dcm")
+    second = submit(env, to_bytes(same_uid_as(ds, **changes)), "second.dcm", "api")
+    assert second.created and second.study_id != first.study_id and second.duplicate is None
+    assert second.marker == "uid_conflict" and second.status == "queued"
+    assert queued(settings) == 2  # both screened
+    with session_scope(settings.database_url) as s:
+        owner, newcomer = s.get(Study, first.study_id), s.get(Study, second.study_id)
+        assert owner.marker is None and owner.conflicts_with is None
+        assert newcomer.sop_instance_uid == owner.sop_instance_uid == ds.SOPInstanceUID
+        assert newcomer.conflicts_with == owner.id
+        assert newcomer.marker_detail.startswith("uid_conflict: ") and said in newcomer.marker_detail
+        assert str(owner.id) in newcomer.marker_detail and "PID-other" not in newcomer.marker_detail
+        summary = repo.study_summary(newcomer, None)
+        assert (summary["marker"], summary["conflicts_with"]) == ("uid_conflict", str(owner.id))
+        files = {f.study_id: f for f in s.scalars(select(StudyFile))}
+        assert set(files) == {owner.id, newcomer.id}  # nothing merged
+    assert any(d and d.startswith("uid_conflict: ") for _, d in events(settings, second.study_id))
+    assert any(d and d.startswith("uid_conflict: ") and str(second.study_id) in d
+               for _, d in events(settings, first.study_id))
+
+
+@pytest.mark.parametrize("syntax", ["j2k_lossy", "jpeg_ls_near"])
+def test_a_lossy_transcoding_changes_the_pixels_so_it_is_kept_apart_and_marked(env, syntax):
+    from tests.dicomgen import missing_encoder
+
+    if (why := missing_encoder(syntax)) is not None:
+        pytest.skip(why)
+    ds = chest_dataset(320, seed=75)
+    first = submit(env, to_bytes(ds), "film.dcm")
+    lossy = submit(env, encode(ds, syntax), f"film-{syntax}.dcm")
+    assert lossy.study_id != first.study_id and lossy.marker == "uid_conflict"
+    settings, _ = env
+    with session_scope(settings.database_url) as s:
+        assert "other pixels" in s.get(Study, lossy.study_id).marker_detail
+
+
+def test_a_resend_of_the_conflicting_film_joins_it_and_a_third_film_is_marked_too(env):
+    settings, _ = env
+    ds = chest_dataset(320, seed=80)
+    other = same_uid_as(ds, seed=81)
+    first = submit(env, to_bytes(ds), "first.dcm")
+    second = submit(env, to_bytes(other), "second.dcm")
+    assert second.marker == "uid_conflict"
+    # Each film re-sent in another syntax joins its own study.
+    assert submit(env, encode(other, "rle"), "second-rle.dcm").study_id == second.study_id
+    assert submit(env, encode(ds, "implicit"), "first-implicit.dcm").study_id == first.study_id
+    third = submit(env, to_bytes(same_uid_as(ds, seed=82)), "third.dcm")
+    assert third.marker == "uid_conflict" and third.study_id not in (first.study_id, second.study_id)
+    with session_scope(settings.database_url) as s:
+        assert s.get(Study, third.study_id).conflicts_with == first.study_id  # the owner, not the other newcomer
+    assert len(rows(settings, Study)) == 3 and len(rows(settings, StudyFile)) == 5 and queued(settings) == 3
+
+
+def test_a_copy_whose_pixels_cannot_be_compared_is_not_merged_into_a_screened_study(env):
+    """The first copy is fine and queued; a truncated copy with the same header cannot be
+    compared: it is kept apart (screened, so rejected as unreadable), marked, not merged."""
+    settings, _ = env
+    ds = chest_dataset(320, seed=90)
+    good = to_bytes(ds)
+    first = submit(env, good, "film.dcm")
+    cut = submit(env, good[: len(good) // 2], "film-cut.dcm")
+    assert cut.study_id != first.study_id and cut.marker == "uid_conflict"
+    with session_scope(settings.database_url) as s:
+        assert "could not be compared" in s.get(Study, cut.study_id).marker_detail
+
+
+def test_conflicting_films_racing_in_two_threads_are_never_merged(env):
+    """Two films with one UID (and a re-send of each) arriving at once, through both routes:
+    one owner, one conflicting study, each file on its own film's study."""
+    import threading
+
+    settings, _ = env
+    ds = chest_dataset(320, seed=95)
+    other = same_uid_as(ds, PatientID="PID-other-patient-0005")
+    inputs = [(to_bytes(ds), "a.dcm", "watch"), (to_bytes(other), "b.dcm", "api"),
+              (encode(ds, "implicit"), "a2.dcm", "api"), (encode(other, "implicit"), "b2.dcm", "watch")]
+    out: dict[str, object] = {}
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i[1], submit(env, *i))) for i in inputs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out["a.dcm"].study_id == out["a2.dcm"].study_id and out["b.dcm"].study_id == out["b2.dcm"].study_id
+    assert out["a.dcm"].study_id != out["b.dcm"].study_id
+    studies = rows(settings, Study)
+    assert len(studies) == 2 and sum(1 for s in studies if s.marker == "uid_conflict") == 1
+
+
+def test_uid_conflicts_through_the_embedded_stack(tmp_path, tiny_bundle):
+    """`cxr up` (API, watcher, worker; SQLite, filesystem broker). The owner film and a film of
+    another patient with its UID come through the inbox (as the field case: JPEG baseline CR),
+    a lossless re-send and a film with other pixels through POST /jobs. The re-send joins the
+    owner without a second screening; both conflicting films are screened, and every view says
+    uid_conflict: the worklist (table, CSV, JSON, HTML), `cxr study show`, GET /studies/{id}."""
+    import csv
+    import io as _io
+    import json
+
+    import httpx
+
+    from cxr.db.models import Result
+    from tests.dicomgen import missing_encoder
+    from tests.stack import Stack, clean_env, cxr, free_port, wait_until
+
+    home, inbox = tmp_path / "var", tmp_path / "inbox"
+    (tmp_path / "logs").mkdir()
+    port = free_port()
+    env = clean_env(CXR_HOME=str(home), CXR_INBOX=str(inbox), CXR_CHECKPOINT=str(tiny_bundle),
+                    CXR_WATCH_SETTLE_SECONDS="0.3")
+    jpeg = missing_encoder("jpeg_baseline") is None
+    owner_ds = chest_dataset(320, seed=100, bits=8 if jpeg else 12)
+    patient_b = same_uid_as(owner_ds, seed=101, PatientID="PID-second-patient-0101")
+    encode_as = (lambda ds: encode(ds, "jpeg_baseline")) if jpeg else to_bytes
+    db_url = f"sqlite:///{home / 'cxr.db'}"
+    stack = Stack(log_dir=tmp_path / "logs", env=env)
+    stack.start("up", "up", "--port", str(port))
+    try:
+        base = f"http://127.0.0.1:{port}"
+        stack.wait_http(f"{base}/health")
+
+        def studies(count: int):
+            stack.assert_running()
+            with session_scope(db_url) as s:
+                found = s.scalars(select(Study).order_by(Study.created_at)).all()
+            return found if len(found) == count and all(st.status == "done" for st in found) else None
+
+        owner_bytes = encode_as(owner_ds)
+        (inbox / "owner.dcm").write_bytes(owner_bytes)
+        (owner,) = wait_until(lambda: studies(1), timeout=120, describe=stack.logs)
+        (inbox / "patient-b.dcm").write_bytes(encode_as(patient_b))
+        owner, b = wait_until(lambda: studies(2), timeout=120, describe=stack.logs)
+        assert list(inbox.iterdir()) == []  # taken in, not deleted as a re-send
+
+        # Through the API: a true re-send of the owner (lossless: RLE of its decoded pixels) and
+        # a film of the owner's patient with the same UIDs but other pixels.
+        from pydicom import dcmread
+
+        resend = dcmread(_io.BytesIO(owner_bytes))
+        resend.decompress(generate_instance_uid=False)
+        other_pixels = same_uid_as(owner_ds, seed=102)
+        r = httpx.post(f"{base}/jobs", files=[("files", ("resend.dcm", encode(resend, "rle"), "application/dicom")),
+                                              ("files", ("other.dcm", to_bytes(other_pixels), "application/dicom"))],
+                       timeout=60)
+        assert r.status_code == 202, r.text
+        ref_resend, ref_other = r.json()["studies"]
+        assert (ref_resend["study_id"], ref_resend["duplicate"], ref_resend["marker"]) == (
+            str(owner.id), "same_sop_instance", None)
+        assert ref_other["marker"] == "uid_conflict" and ref_other["duplicate"] is None
+        owner, b, c = wait_until(lambda: studies(3), timeout=120, describe=stack.logs)
+        assert str(c.id) == ref_other["study_id"]
+        with session_scope(db_url) as s:
+            assert s.scalar(select(func.count(Result.id)).where(Result.study_id == owner.id)) == 1  # once
+            assert s.scalar(select(func.count(StudyFile.id)).where(StudyFile.study_id == owner.id)) == 2
+        for st, said in ((b, "another patient"), (c, "other pixels")):
+            assert st.marker == "uid_conflict" and st.conflicts_with == owner.id and said in st.marker_detail
+
+        # Every view shows it.
+        body = httpx.get(f"{base}/studies/{b.id}", timeout=30).json()
+        assert (body["marker"], body["conflicts_with"]) == ("uid_conflict", str(owner.id))
+        assert httpx.get(f"{base}/studies/{owner.id}", timeout=30).json()["marker"] is None
+        wl = {w["study_id"]: w for w in json.loads(cxr("worklist", "-f", "json", env=env).stdout)}
+        assert [wl[str(x.id)]["marker"] for x in (owner, b, c)] == [None, "uid_conflict", "uid_conflict"]
+        listed = cxr("worklist", "-f", "csv", env=env).stdout
+        rows_csv = {r["study_id"]: r for r in csv.DictReader(_io.StringIO(listed))}
+        assert rows_csv[str(b.id)]["marker"] == "uid_conflict" and rows_csv[str(owner.id)]["marker"] == ""
+        assert "another patient" in rows_csv[str(b.id)]["marker_detail"]
+        table = cxr("worklist", env=env).stdout
+        assert table.count("uid_conflict") == 2 and "marker" in table.splitlines()[1]
+        html = cxr("worklist", "-f", "html", env=env).stdout
+        assert html.count('class="badge mark"') == 2 and "another patient" in html
+        shown = cxr("study", "show", str(b.id), env=env).stdout
+        assert "uid_conflict" in shown and str(owner.id) in shown
+        history = json.loads(cxr("study", "show", str(owner.id), "-f", "json", env=env).stdout)["history"]
+        assert any((h["detail"] or "").startswith("uid_conflict: ") and str(b.id) in h["detail"] for h in history)
+        stack.assert_running()
+    finally:
+        codes = stack.stop()
+    assert codes["up"] == 0, stack.logs()
+    logs = stack.logs()
+    assert "uid_conflict" in logs and "PID-second-patient" not in logs and SECRET_PATIENT_ID not in logs

@@ -12,7 +12,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from cxr.db import repo
 from cxr.db.models import Job
-from cxr.db.session import session_scope
+from cxr.db.session import DatabaseNotReady, session_scope
 from cxr.queue import CALLBACK_TASK, SCREEN_TASK, fire_callbacks, get_celery
 from cxr.settings import get_settings
 from worker.service import fail_study, get_screener, process_study
@@ -22,8 +22,10 @@ app = get_celery()
 
 
 def database_unreachable(e: BaseException) -> bool:
-    """The database is down or the connection was lost (not a bad query or a bad file)."""
-    return isinstance(e, OperationalError) or (isinstance(e, DBAPIError) and e.connection_invalidated)
+    """The database is down, the connection was lost, or it is not migrated yet (not a bad
+    query or a bad file)."""
+    return isinstance(e, (OperationalError, DatabaseNotReady)) or (
+        isinstance(e, DBAPIError) and e.connection_invalidated)
 
 
 @app.task(name=SCREEN_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)

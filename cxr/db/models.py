@@ -7,7 +7,9 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint, false
+from sqlalchemy import (
+    JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint, false, text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -73,9 +75,21 @@ class Job(Base):
 
 class Study(Base):
     """One radiograph. Identity: its bytes (sha256, through ``study_files``), and for DICOM its
-    SOP Instance UID. ``sha256``/``stored_path`` name the primary file, the one screened."""
+    SOP Instance UID. ``sha256``/``stored_path`` name the primary file, the one screened.
+
+    One study per SOP Instance UID owns it (``conflicts_with`` NULL: a partial unique index).
+    A different film that arrives with a UID already owned (another patient, other pixels,
+    another Study or Series UID) is its own study, with ``conflicts_with`` naming the owner
+    and ``marker`` set (``cxr.identity.UID_CONFLICT``); see ``cxr.identity``."""
 
     __tablename__ = "studies"
+    __table_args__ = (
+        Index("uq_studies_sop_instance_uid_owner", "sop_instance_uid", unique=True,
+              sqlite_where=text("conflicts_with IS NULL"), postgresql_where=text("conflicts_with IS NULL")),
+        # One study per conflicting film too (two copies of it racing in find one study).
+        Index("uq_studies_sop_instance_uid_film", "sop_instance_uid", "film_key", unique=True,
+              sqlite_where=text("conflicts_with IS NOT NULL"), postgresql_where=text("conflicts_with IS NOT NULL")),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     sha256: Mapped[str] = mapped_column(String(64), unique=True)
@@ -100,7 +114,7 @@ class Study(Base):
     image_format: Mapped[str | None] = mapped_column(String(16), nullable=True)
     width: Mapped[int | None] = mapped_column(Integer, nullable=True)
     height: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     study_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     series_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -112,6 +126,14 @@ class Study(Base):
     manufacturer: Mapped[str | None] = mapped_column(String(128), nullable=True)
     transfer_syntax: Mapped[str | None] = mapped_column(String(64), nullable=True)
     patient_key: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    # Something a reader must know about a study that is screened as usual (not a rejection):
+    # a code from cxr.identity (``uid_conflict``) and the sentence saying what and what to do.
+    marker: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    marker_detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # For a uid_conflict: the earlier study that owns this SOP Instance UID.
+    conflicts_with: Mapped[uuid.UUID | None] = mapped_column(nullable=True)
+    # For a uid_conflict: which film this is (cxr.identity.film_key: header and pixel hash).
+    film_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     results: Mapped[list["Result"]] = relationship(back_populates="study", order_by="Result.id")
     files: Mapped[list["StudyFile"]] = relationship(back_populates="study", order_by="StudyFile.id")
@@ -160,6 +182,9 @@ class StudyFile(Base):
     filename: Mapped[str] = mapped_column(String(255))
     source: Mapped[str] = mapped_column(String(16))
     transfer_syntax: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # sha256 of the decoded pixels (cxr.identity.pixel_fingerprint), computed when a file of
+    # the same SOP Instance UID arrives and kept so it is computed once.
+    pixel_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     study: Mapped[Study] = relationship(back_populates="files")

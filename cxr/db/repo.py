@@ -9,6 +9,7 @@ import enum
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -23,6 +24,7 @@ from cxr.db.models import (
     STUDY_METADATA_COLUMNS, ApiKey, Job, JobStudy, ModelVersion, Result, Study, StudyEvent, StudyFile, StudyStatus,
     utcnow,
 )
+from cxr.identity import UID_CONFLICT, conflict_sentence, film_key, header_differences, owner_note
 
 
 def worker_name() -> str:
@@ -73,6 +75,18 @@ class IntakeResult:
     enqueue: bool  # the study (new or re-queued) needs a screening task
 
 
+@dataclass(frozen=True)
+class _UidConflict:
+    """A file whose SOP Instance UID belongs to a different film (see cxr.identity)."""
+
+    owner: Study
+    differences: list[str]
+
+
+#: ``stored path -> sha256 of the decoded pixels``, or None when they cannot be decoded.
+PixelFingerprint = Callable[[str], "str | None"]
+
+
 def _clip(metadata: dict[str, Any]) -> dict[str, Any]:
     """Metadata limited to known study columns and trimmed to their lengths."""
     out: dict[str, Any] = {}
@@ -111,21 +125,32 @@ def intake_file(
     metadata: dict[str, Any] | None = None,
     reject: tuple[str, str] | None = None,
     actor: str | None = None,
+    pixels: PixelFingerprint | None = None,
 ) -> IntakeResult:
     """Record a stored file: a new study, or the study it belongs to. Decides identity.
 
     - Bytes already received (any file of any study): that study. It is re-queued only if
       it was not screened for reasons that were not the file's content (status ``failed``,
       or rejected for its ``bad_filename``, when this submission's name is fine).
-    - A DICOM SOP Instance UID already known, with different bytes (a re-sent, transcoded
-      copy): the file is recorded on that study. A scored, queued or processing study is
-      left alone (never screened twice); one that was rejected or failed gets the new file
-      as its primary file and is re-queued.
+    - A DICOM SOP Instance UID already known, with different bytes: a **re-send** (say, a
+      transcoded copy) when it agrees with a study holding that UID: the same patient key,
+      StudyInstanceUID and SeriesInstanceUID, and the same decoded pixels (``pixels`` gives
+      a file's pixel hash, ``cxr.identity.pixel_fingerprint``; it is called only here, on a
+      UID collision, and the hash is kept in ``study_files.pixel_sha256``). The file is then
+      recorded on that study. A scored, queued or processing study is left alone (never
+      screened twice); one that was rejected or failed gets the new file as its primary file
+      and is re-queued. Pixels that cannot be compared (one copy does not decode, or no
+      ``pixels`` given) count as a match only for such an unscored study.
+    - A known UID that does not agree (another patient, other pixels, another Study or
+      Series UID): a **UID conflict**. A new study, screened like any other, with
+      ``marker`` ``uid_conflict``, a ``marker_detail`` sentence saying what differs,
+      ``conflicts_with`` the study that owns the UID, and an audit event on both studies.
     - Otherwise a new study with this file, ``rejected`` at once when ``reject`` (code,
       sentence) is given.
 
     Safe against a watcher and an API racing on the same bytes or the same SOP instance:
-    the unique sha256 and SOP Instance UID make the loser find the winner's row.
+    the unique sha256 and the unique owner of a SOP Instance UID make the loser find the
+    winner's row.
 
     Every status set here is written to the audit trail with ``actor`` (default:
     ``watcher@host:pid`` for source ``watch``, else ``<source>@host:pid``).
@@ -136,11 +161,17 @@ def intake_file(
     for attempt in range(3):
         found = _find_existing(session, sha256=sha256, sop=sop, filename=filename, source=source,
                                stored_path=stored_path, size_bytes=size_bytes, metadata=metadata, reject=reject,
-                               actor=actor)
-        if found is not None:
+                               actor=actor, pixels=pixels)
+        if isinstance(found, IntakeResult):
             return found
         study = Study(sha256=sha256, filename=filename, source=source, stored_path=stored_path,
                       size_bytes=size_bytes, **metadata)
+        if found is not None:
+            study.conflicts_with = found.owner.id
+            study.film_key = film_key(metadata, pixels=pixels(stored_path) if pixels else None, sha256=sha256)
+            study.marker = UID_CONFLICT
+            study.marker_detail = conflict_sentence(sop_instance_uid=sop, owner_id=found.owner.id,
+                                                    differences=found.differences)
         if reject is not None:
             study.status = StudyStatus.rejected.value
             study.reject_code, study.error = reject[0], f"{reject[0]}: {reject[1]}"
@@ -151,9 +182,16 @@ def intake_file(
                 session.flush()
                 session.add(StudyFile(study_id=study.id, sha256=sha256, stored_path=stored_path,
                                       size_bytes=size_bytes, filename=filename, source=source,
-                                      transfer_syntax=metadata.get("transfer_syntax")))
+                                      transfer_syntax=metadata.get("transfer_syntax"),
+                                      pixel_sha256=pixels(stored_path) if found is not None and pixels else None))
                 record_event(session, study_id=study.id, status=study.status, actor=actor,
                              detail=study.error if reject is not None else f"received from {source}")
+                if found is not None:
+                    record_event(session, study_id=study.id, status=study.status, actor=actor,
+                                 detail=study.marker_detail)
+                    record_event(session, study_id=found.owner.id, status=found.owner.status, actor=actor,
+                                 detail=owner_note(sop_instance_uid=sop, newcomer_id=study.id,
+                                                   differences=found.differences))
                 session.flush()
         except IntegrityError:
             continue  # someone else inserted these bytes or this SOP instance meanwhile: find it
@@ -161,9 +199,31 @@ def intake_file(
     raise RuntimeError(f"intake of {sha256[:12]} kept colliding with concurrent inserts")
 
 
+def _same_pixels(session: Session, study: Study, *, stored_path: str, pixels: PixelFingerprint | None) -> bool | None:
+    """Whether a new file's decoded pixels equal ``study``'s (None: they cannot be compared,
+    because a file does not decode or no ``pixels`` is given). The study's files whose hash
+    is known count; else its primary file is decoded once and its hash kept."""
+    if pixels is None:
+        return None
+    new = pixels(stored_path)
+    if new is None:
+        return None
+    files = list(session.scalars(select(StudyFile).where(StudyFile.study_id == study.id)))
+    if any(f.pixel_sha256 == new for f in files):
+        return True
+    primary = next((f for f in files if f.sha256 == study.sha256), None)
+    known = primary.pixel_sha256 if primary is not None else None
+    if known is None:
+        known = pixels(study.stored_path)
+        if known is not None and primary is not None:
+            primary.pixel_sha256 = known
+    return None if known is None else known == new
+
+
 def _find_existing(session: Session, *, sha256: str, sop: str | None, filename: str, source: str,
                    stored_path: str, size_bytes: int, metadata: dict[str, Any],
-                   reject: tuple[str, str] | None, actor: str) -> IntakeResult | None:
+                   reject: tuple[str, str] | None, actor: str,
+                   pixels: PixelFingerprint | None) -> IntakeResult | _UidConflict | None:
     known = session.scalar(select(StudyFile).where(StudyFile.sha256 == sha256))
     if known is not None:
         study = session.get(Study, known.study_id)
@@ -176,17 +236,35 @@ def _find_existing(session: Session, *, sha256: str, sop: str | None, filename: 
         return IntakeResult(study=study, created=False, duplicate=Duplicate.same_bytes, enqueue=retry)
     if sop is None:
         return None
-    study = session.scalar(select(Study).where(Study.sop_instance_uid == sop))
-    if study is None:
+    # The owner of the UID first, then earlier conflicting films (a re-send of one of those joins it).
+    candidates = list(session.scalars(select(Study).where(Study.sop_instance_uid == sop)
+                                      .order_by(Study.conflicts_with.is_not(None), Study.created_at, Study.id)))
+    if not candidates:
         return None
+    unscored = (StudyStatus.failed.value, StudyStatus.rejected.value)
+    study, differences = None, {}
+    for candidate in candidates:
+        differs = header_differences(metadata, {c: getattr(candidate, c) for c in
+                                                ("patient_key", "study_instance_uid", "series_instance_uid")})
+        if not differs:
+            same = _same_pixels(session, candidate, stored_path=stored_path, pixels=pixels)
+            if same or (same is None and candidate.status in unscored):
+                study = candidate
+                break
+            differs = ["pixels"] if same is False else ["pixels_unknown"]
+        differences[candidate.id] = differs
+    if study is None:
+        owner = next((c for c in candidates if c.conflicts_with is None), candidates[0])
+        return _UidConflict(owner=owner, differences=differences[owner.id])
     try:
         with session.begin_nested():
             session.add(StudyFile(study_id=study.id, sha256=sha256, stored_path=stored_path, size_bytes=size_bytes,
-                                  filename=filename, source=source, transfer_syntax=metadata.get("transfer_syntax")))
+                                  filename=filename, source=source, transfer_syntax=metadata.get("transfer_syntax"),
+                                  pixel_sha256=pixels(stored_path) if pixels else None))
             session.flush()
     except IntegrityError:
         return None  # these bytes were recorded meanwhile; the caller looks again
-    retry = reject is None and study.status in (StudyStatus.failed.value, StudyStatus.rejected.value)
+    retry = reject is None and study.status in unscored
     if retry:
         # Not scored yet: the new copy may be readable. It becomes the primary file.
         study.sha256, study.stored_path, study.size_bytes, study.filename = sha256, stored_path, size_bytes, filename
@@ -565,7 +643,11 @@ def study_statuses(session: Session, *, study_ids: list[uuid.UUID]) -> dict[uuid
 
 
 def study_summary(study: Study, result: Result | None) -> dict[str, Any]:
-    """The JSON shape shared by the API and ``cxr worklist``."""
+    """The JSON shape shared by the API and ``cxr worklist``.
+
+    ``marker`` (e.g. ``uid_conflict``, see ``cxr.identity``), ``marker_detail`` and
+    ``conflicts_with`` (the study that owns its SOP Instance UID) flag a study that is
+    screened as usual but that a reader must look at twice; None when there is nothing."""
     return {
         "study_id": str(study.id),
         "filename": study.filename,
@@ -584,6 +666,9 @@ def study_summary(study: Study, result: Result | None) -> dict[str, Any]:
         "timings_ms": dict(result.timings_ms) if result else None,
         "reject_code": study.reject_code,
         "error": study.error,
+        "marker": study.marker,
+        "marker_detail": study.marker_detail,
+        "conflicts_with": str(study.conflicts_with) if study.conflicts_with else None,
         "metadata": {c: getattr(study, c) for c in STUDY_METADATA_COLUMNS if getattr(study, c) is not None},
         "created_at": study.created_at.isoformat() if study.created_at else None,
         "finished_at": study.finished_at.isoformat() if study.finished_at else None,

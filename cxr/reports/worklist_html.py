@@ -7,7 +7,8 @@ a column header and filter by text, status or flag. Studies that were rejected o
 in their own section with the reason.
 
 Shown per study: file name, study id, heatmap overlay thumbnail, flag, predicted class, risk,
-per-class probabilities as bars, status, reason, model version and time. DICOM metadata
+per-class probabilities as bars, status, reason, model version and time, and a marker badge
+(``uid_conflict``, see ``cxr.identity``) with its sentence where a study has one. DICOM metadata
 (pseudonymised patient key, age, sex, accession number) is left out on purpose.
 """
 
@@ -118,14 +119,23 @@ def _reason(row: dict[str, Any]) -> str:
 def _search_text(row: dict[str, Any], reason: str) -> str:
     parts = (row.get("filename"), row.get("study_id"), row.get("status"), row.get("predicted_class"),
              row.get("model_version"), reason, "flagged" if row.get("flagged") else "",
-             "uncertain" if row.get("uncertain") else "")
+             "uncertain" if row.get("uncertain") else "", row.get("marker"))
     return " ".join(str(p) for p in parts if p).lower()
+
+
+def _marker(row: dict[str, Any]) -> str:
+    """A study's marker (e.g. uid_conflict) as a badge and its sentence; empty without one."""
+    if not row.get("marker"):
+        return ""
+    return (f'<div class="marker"><span class="badge mark" title="{_e(row.get("marker_detail"))}">'
+            f'{_e(row.get("marker"))}</span><div class="mark-detail">{_e(row.get("marker_detail"))}</div></div>')
 
 
 def _study_cell(row: dict[str, Any]) -> str:
     sid = row.get("study_id") or ""
     return (f'<td class="study" data-v="{_e((row.get("filename") or "").lower())}">'
-            f'<div class="fn">{_e(row.get("filename"))}</div><div class="sid" title="{_e(sid)}">{_e(sid[:8])}</div></td>')
+            f'<div class="fn">{_e(row.get("filename"))}</div><div class="sid" title="{_e(sid)}">{_e(sid[:8])}</div>'
+            f'{_marker(row)}</td>')
 
 
 def _thumb_cell(row: dict[str, Any], px: int) -> str:
@@ -219,6 +229,8 @@ td.thumb img{display:block;width:auto;height:auto;max-width:120px;max-height:120
 .badge{display:inline-block;padding:1px 6px;border-radius:9px;background:#e3e6ea;font-size:12px}
 .badge.flag{background:#b3261e;color:#fff;font-weight:700}
 .badge.uncertain{background:#8a5a00;color:#fff;font-weight:700;margin-left:4px}
+.badge.mark{background:#7a4b00;color:#fff;font-weight:700}
+.mark-detail{font-size:12px;color:#7a4b00;max-width:30em}
 .prob{min-width:110px}
 .bar{height:10px;background:#e6e9ee;border-radius:5px;overflow:hidden}
 .bar span{display:block;height:100%;background:#3b6fd8}
@@ -323,7 +335,8 @@ def render_worklist_html(
              "scored": sum(1 for r in rows if r.get("status") == "done"),
              "pending": sum(1 for r in rows if r.get("status") in ("queued", "processing")),
              "rejected": sum(1 for r in rows if r.get("status") == "rejected"),
-             "failed": sum(1 for r in rows if r.get("status") == "failed")}
+             "failed": sum(1 for r in rows if r.get("status") == "failed"),
+             "marked": sum(1 for r in rows if r.get("marker"))}
     statuses = sorted({str(r.get("status")) for r in rows})
     limit_note = (f'<p class="meta"><strong>Only the first {limit} studies are shown</strong> (the row limit); '
                   f'raise <code>--limit</code> or use <code>--limit 0</code> for all.</p>'
