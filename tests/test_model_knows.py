@@ -197,6 +197,15 @@ def test_bald_and_risk_coverage_by_hand():
     assert aurc(correct, unc) == pytest.approx(0.25 / 4)
 
 
+def test_pairwise_auc_within_a_source_by_hand():
+    from trainer.evaluate import pairwise_auc
+
+    y = np.array([0, 0, 1, 1])  # two classes present of three: one pair
+    probs = np.array([[0.8, 0.1, 0.1], [0.3, 0.6, 0.1], [0.5, 0.4, 0.1], [0.1, 0.8, 0.1]])
+    # P(Pneumonia) ranks 0.6 (a normal) above 0.4 (a pneumonia): 3 of 4 pairs in order
+    assert pairwise_auc(y, probs, ["Normal", "Pneumonia", "Tuberculosis"]) == {"Normal vs Pneumonia": 0.75}
+
+
 def test_calibrate_fits_the_gate_and_evaluate_reports_it(tmp_path, tiny_bundle):
     """`cxr calibrate --ood-fit` on generated films writes a bundle with both thresholds; the
     gate refuses about the asked quantile of the calibration films; `cxr evaluate` reports
@@ -241,4 +250,6 @@ def test_calibrate_fits_the_gate_and_evaluate_reports_it(tmp_path, tiny_bundle):
     assert set(rel["measures"]) == {"mc-dropout-bald", "mc-dropout-entropy", "softmax-response"}
     assert (ev / "risk_coverage.png").stat().st_size > 1000
     assert set(m["per_source"]) == {"gen-a", "gen-b"}
+    assert all(0.0 <= v <= 1.0 for sm in m["per_source"].values() for v in sm["pairwise_auc"].values())
+    assert "AUC within the source" in (ev / "summary.md").read_text()
     assert "accuracy at 80% coverage" in (ev / "summary.md").read_text()

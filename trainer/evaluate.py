@@ -146,6 +146,8 @@ def evaluate(checkpoint: Path, data: DataConfig, out: Path, *, bootstrap: int = 
                                     bootstrap=0)
         for src, idx in sorted(by_source.items())
     }
+    for src, idx in by_source.items():
+        metrics["per_source"][src]["pairwise_auc"] = pairwise_auc(y[idx], probs[idx], classes)
     metrics["reliability"] = reliability_report(loaded, y, probs, pooled, out)
     (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
     (out / "predictions.csv").write_text(
@@ -158,6 +160,22 @@ def evaluate(checkpoint: Path, data: DataConfig, out: Path, *, bootstrap: int = 
     gradcam_grid(loaded, kept, y, probs, out / "gradcam_grid.png", per_class=cam_per_class)
     (out / "summary.md").write_text(summary_markdown(metrics, classes))
     return metrics
+
+
+def pairwise_auc(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, float]:
+    """For each pair of classes (a, b) both present: the AUC of P(b) separating b's films from
+    a's, e.g. ``"Normal vs Pneumonia"`` within one hospital's films (CheXNet's comparison)."""
+    from sklearn.metrics import roc_auc_score
+
+    out = {}
+    for i, a in enumerate(classes):
+        for j, b in enumerate(classes):
+            if j <= i:
+                continue
+            keep = (y == i) | (y == j)
+            if (y[keep] == i).any() and (y[keep] == j).any():
+                out[f"{a} vs {b}"] = float(roc_auc_score(y[keep] == j, probs[keep, j]))
+    return out
 
 
 def json_safe(value: Any) -> Any:
@@ -323,6 +341,10 @@ def summary_markdown(m: dict[str, Any], classes: list[str]) -> str:
         lines.append(f"| {src} | {sm['n']} | {sm['accuracy']:.3f} | {'-' if auc is None or auc != auc else f'{auc:.3f}'} | "
                      + " | ".join(recalls)
                      + "".join(f" | {'-' if v is None or v != v else f'{v:.3f}'}" for v in sens) + " |")
+    pairs = [(src, name, v) for src, sm in m["per_source"].items() for name, v in (sm.get("pairwise_auc") or {}).items()]
+    if pairs:
+        lines += ["", "| source | classes | AUC within the source |", "|---|---|---|"]
+        lines += [f"| {src} | {name} | {v:.3f} |" for src, name, v in pairs]
     rel = m.get("reliability") or {}
     if rel:
         lines += ["", "## What the model knows it does not know", "",
