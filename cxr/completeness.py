@@ -161,12 +161,17 @@ def _dicom(f: BinaryIO, size: int) -> None:
         raise _Odd()
     if ts == "1.2.840.10008.1.2.1.99":  # deflated explicit VR little endian
         d = zlib.decompressobj(-zlib.MAX_WBITS)
-        while chunk := f.read(1 << 20):
-            d.decompress(chunk, 1 << 16)
-            while d.unconsumed_tail:
-                d.decompress(d.unconsumed_tail, 1 << 16)
-            if d.eof:
-                return None
+        try:
+            while not d.eof and (chunk := f.read(1 << 20)):
+                while chunk and not d.eof:  # bounded output: a deflate bomb costs time, not memory
+                    out = d.decompress(chunk, 1 << 20)
+                    if not out and d.unconsumed_tail == chunk:
+                        raise _Odd()
+                    chunk = d.unconsumed_tail
+        except zlib.error as e:
+            raise _Odd() from e
+        if d.eof:
+            return None
         raise _Cut("the DICOM file's deflated data set ends before its deflate stream does")
     implicit = ts == "1.2.840.10008.1.2"
     endian = ">" if ts == "1.2.840.10008.1.2.2" else "<"
