@@ -278,7 +278,8 @@ class InboxWatcher:
     def _intake(self, path: Path, st: _Pending, now: float, quiet_for: float) -> bool:
         s = self.settings
         try:  # never block (a FIFO swapped in since the lstat) and never follow a link
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             self.forget(path)
             return False
@@ -433,10 +434,11 @@ class InboxWatcher:
 
                 observer: BaseObserver = InotifyObserver(generate_full_events=True)
                 observer.schedule(handler, str(self.inbox), recursive=True)
+                self.close_events = True  # before the first event is handled
                 observer.start()
-                self.close_events = True
                 return observer
             except OSError as e:
+                self.close_events = False
                 log.warning("inotify is not available (%s); watching by polling, without close events: every "
                             "file waits CXR_WATCH_QUIET_SECONDS", e)
                 observer = PollingObserver()
