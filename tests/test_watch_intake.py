@@ -107,6 +107,10 @@ def studies(db_url: str) -> list[Study]:
     return rows
 
 
+def in_inbox(inbox: Path, errors: Path) -> list[Path]:
+    return [p for p in inbox.iterdir() if p != errors]
+
+
 def stored_files(db_url: str) -> dict[str, object]:
     """sha256 -> study id of every file recorded (a study may hold several copies)."""
     with session_scope(db_url) as s:
@@ -232,9 +236,11 @@ def test_fifo_socket_links_and_oversized_files_never_block_intake(tmp_path, capl
     assert "DOE" not in log and "pipe" not in log and "good" not in log
 
 
-def test_truncated_file_is_held_then_kept_in_errors_and_taken_again_when_it_changes(tmp_path):
-    settings, w = make_watcher(tmp_path, watch_stalled_seconds=2.0)
-    inbox, errors = settings.inbox, tmp_path / "errors"
+@pytest.mark.parametrize("inside", [False, True], ids=["errors_beside_the_inbox", "errors_inside_the_inbox"])
+def test_truncated_file_is_held_then_kept_in_errors_and_taken_again_when_it_changes(tmp_path, inside):
+    errors = tmp_path / "inbox" / "errors" if inside else tmp_path / "errors"  # inside: as docker-compose.yml sets it
+    settings, w = make_watcher(tmp_path, watch_stalled_seconds=2.0, **({"watch_errors": errors} if inside else {}))
+    inbox = settings.inbox
     whole = {"cut.png": film("png", 30), "cut.dcm": film("dicom", 31), "cut.jpg": film("jpeg", 32)}
     resumed = film("rle", 33)
     with Running(w):
@@ -246,7 +252,7 @@ def test_truncated_file_is_held_then_kept_in_errors_and_taken_again_when_it_chan
         with open(inbox / "resumed.dcm", "ab") as f:
             f.write(resumed[1000:])
         wait_until(lambda: len(studies(settings.database_url)) == 4, timeout=30)
-        wait_until(lambda: not any(inbox.iterdir()), timeout=30)
+        wait_until(lambda: not in_inbox(inbox, errors), timeout=30)
         rows = {st.filename: st for st in studies(settings.database_url)}
         assert rows["resumed.dcm"].sha256 == sha(resumed)
         for name, data in whole.items():
@@ -260,7 +266,7 @@ def test_truncated_file_is_held_then_kept_in_errors_and_taken_again_when_it_chan
                 f.write(data[len(data) // 2:])
         assert w.recheck_errors() == 3
         wait_until(lambda: len(stored_files(settings.database_url)) == 7, timeout=30)
-        wait_until(lambda: not any(inbox.iterdir()), timeout=30)
+        wait_until(lambda: not in_inbox(inbox, errors), timeout=30)
     files = stored_files(settings.database_url)
     assert {sha(d) for d in whole.values()} <= set(files)
     # The complete DICOM has the SOP Instance UID of its cut copy: it joins that study (cxr.intake),
