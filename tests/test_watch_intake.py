@@ -276,6 +276,29 @@ def test_truncated_file_is_held_then_kept_in_errors_and_taken_again_when_it_chan
     assert list(errors.iterdir()) == []
 
 
+def test_an_open_writer_is_waited_for_however_long_it_is_quiet(tmp_path):
+    """Content the completeness check cannot judge (it looks whole at the pause): only the
+    close-after-write event keeps the watcher from taking the first part (quiet period 0.5 s,
+    pauses 2.5 s)."""
+    settings, w = make_watcher(tmp_path)
+    png = film("png", 45)
+    cases = {
+        "notes.txt": (b"not an image, but a file all the same\n" * 400, 2000),
+        "trailer.png": (png + b"\0" * 5000, len(png)),  # a whole PNG at the pause, more bytes after it
+        "many_pauses.bin": (bytes(range(256)) * 200, 500),
+    }
+    with Running(w):
+        writers = {name: start_writer(tmp_path, data, settings.inbox / name, pauses=[(at, 2.5)])
+                   for name, (data, at) in cases.items()}
+        for p in writers.values():
+            finish(p)
+        wait_until(lambda: len(studies(settings.database_url)) == len(cases)
+                   and not any(settings.inbox.iterdir()), timeout=30)
+        time.sleep(0.5)
+    got = {st.filename: st.sha256 for st in studies(settings.database_url)}
+    assert got == {name: sha(data) for name, (data, _) in cases.items()}
+
+
 def test_a_file_that_must_be_kept_stays_in_place_when_the_errors_folder_is_unusable(tmp_path, caplog):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("x")
