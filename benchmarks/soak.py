@@ -163,6 +163,7 @@ def main() -> int:
     env.update(PYTHONUNBUFFERED="1", CXR_HOME=str(home), CXR_INBOX=str(workdir / "inbox"),
                CXR_DATABASE_URL=args.database_url or f"sqlite:///{home / 'cxr.db'}",
                CXR_CHECKPOINT=str(args.checkpoint.resolve()), CXR_WATCH_SETTLE_SECONDS="0.3",
+               CXR_WATCH_STALLED_SECONDS="2",  # the truncated files wait this long before intake
                CXR_GATE_MIN_SIZE=str(min(args.size, 256)), CXR_MAX_BATCH=str(args.max_batch),
                CXR_HEATMAPS=args.heatmaps, CXR_QUEUE=f"cxr-soak-{uuid.uuid4().hex[:8]}")
     if args.broker_url:

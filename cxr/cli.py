@@ -283,9 +283,12 @@ def watch(
 ) -> None:
     """Watch a folder: every PNG, JPEG or DICOM file dropped in becomes a queued study.
 
-    A file is taken in once its size has stopped changing (CXR_WATCH_SETTLE_SECONDS);
-    temporary names (.part, .tmp, dot-files) are ignored. It is removed from the inbox only
-    after it is stored and its study row is committed.
+    A file is taken in once its writer has closed it and it stopped changing
+    (CXR_WATCH_SETTLE_SECONDS; CXR_WATCH_QUIET_SECONDS when no close was seen), and only
+    if its content is not cut short; temporary names (.part, .filepart, .tmp, dot-files,
+    CXR_WATCH_IGNORE) and anything but regular files are ignored. It is removed from the
+    inbox only after it is stored and its study row is committed; files that must be kept
+    go to the errors folder with a reason (README "What happens when…").
     """
     from cxr.queue import get_celery
     from worker.watcher import InboxWatcher

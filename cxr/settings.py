@@ -62,7 +62,9 @@ class Settings(BaseSettings):
                         "GPU a cuda worker says so in its log and runs on the CPU. See also `cxr worker --gpus`.")
     heatmaps: Literal["all", "flagged", "none"] = Field(
         "all", description="Which scored studies get a Grad-CAM heatmap PNG: all, only flagged ones, or none.")
-    watch_settle_seconds: float = Field(1.0, ge=0, description="A file must keep its size this long before intake.")
+    watch_settle_seconds: float = Field(
+        1.0, ge=0, description="After its writer closed it (close-after-write event), a file must keep its size and "
+        "modification time this long before intake.")
     broker_poll_seconds: float = Field(0.1, gt=0, description="Polling interval of the filesystem broker.")
     log_level: str = Field("INFO", description="Log level for every process.")
     max_image_pixels: int = Field(80_000_000, description="Refuse images larger than this before decoding.")
@@ -125,6 +127,30 @@ class Settings(BaseSettings):
         "this (MB); files wait in the inbox.")
     watch_archive: Path | None = Field(
         None, description="Move each file taken in from the inbox here (dated sub-folders) instead of deleting it.")
+    watch_quiet_seconds: float = Field(
+        10.0, ge=0, description="A file for which no close-after-write event was seen (found by a scan at start-up "
+        "or by the periodic rescan, a network filesystem, a platform without inotify) must keep its size and "
+        "modification time this long before intake.")
+    watch_stalled_seconds: float = Field(
+        600.0, ge=0, description="A file that still looks unfinished (open for writing with no close event yet, or "
+        "content that ends early: PNG without IEND, JPEG without EOI, DICOM cut short) is waited for until it has "
+        "not changed for this long; then it is taken in, and one still cut short is kept in the errors folder.")
+    watch_ignore: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="More file-name globs the watcher ignores (comma-separated or a JSON "
+        "list; case-insensitive), on top of the built-in temporary names (.part, .filepart, .tmp, dot-files, ...).")
+    watch_errors: Path | None = Field(
+        None, description="Folder for inbox files that are kept rather than taken in or deleted (cut short, over "
+        "CXR_MAX_UPLOAD_MB), each with a .reason.txt. Default: `errors` beside the inbox.")
+
+    @field_validator("watch_ignore", mode="before")
+    @classmethod
+    def _watch_ignore(cls, v: Any) -> Any:
+        return [str(x).strip() for x in _split_list(v) if str(x).strip()] if v is not None else []
+
+    @field_validator("watch_errors", mode="after")
+    @classmethod
+    def _watch_errors(cls, v: Path | None) -> Path | None:
+        return v.expanduser().resolve() if v is not None else None
 
     # Pseudonymised patient key: HMAC-SHA256 of PatientID with this secret.
     pseudonym_key: SecretStr | None = Field(

@@ -25,7 +25,8 @@ def test_bad_input_never_hurts_the_stack(tmp_path, tiny_bundle):
     (tmp_path / "logs").mkdir()
     port = free_port()
     env = clean_env(CXR_HOME=str(home), CXR_INBOX=str(inbox), CXR_CHECKPOINT=str(tiny_bundle),
-                    CXR_WATCH_SETTLE_SECONDS="0.3", CXR_LOG_LEVEL="DEBUG")
+                    CXR_WATCH_SETTLE_SECONDS="0.3", CXR_LOG_LEVEL="DEBUG",
+                    CXR_WATCH_STALLED_SECONDS="2")  # cut-short files wait this long, then go to errors/
     bad = bad_files()
     good = {"good0.png": png_bytes(chest_like(300, seed=50)), "good1.png": png_bytes(chest_like(400, seed=51))}
     good |= good_dicoms()
@@ -73,6 +74,10 @@ def test_bad_input_never_hurts_the_stack(tmp_path, tiny_bundle):
         assert (evil_study.status, evil_study.reject_code) == ("rejected", "bad_filename")
         assert open(evil_study.stored_path, "rb").read() == evil
         assert list(inbox.iterdir()) == []
+        kept = tmp_path / "errors"  # files cut short are kept, not deleted: each with its reason
+        cut_short = {n for n in bad if n.startswith(("truncated", "empty"))}
+        assert {p.name for p in kept.iterdir() if not p.name.endswith(".reason.txt")} == cut_short
+        assert all((kept / n).read_bytes() == bad[n][0] and (kept / f"{n}.reason.txt").is_file() for n in cut_short)
 
         # The same SOP instance re-sent after transcoding: recorded, not screened again.
         transcoded = encode(dcmread(io.BytesIO(good["good_explicit.dcm"])), "jpeg_ls")

@@ -39,7 +39,8 @@ def test_temporary_names_are_skipped():
 
 
 def test_watcher_waits_for_size_to_settle_and_stores_once(tmp_path):
-    settings = Settings(home=tmp_path / "var", inbox=tmp_path / "inbox", watch_settle_seconds=1.0)
+    settings = Settings(home=tmp_path / "var", inbox=tmp_path / "inbox", watch_settle_seconds=1.0,
+                        watch_quiet_seconds=1.0)  # no observer here: no close events, the quiet period applies
     settings.ensure_dirs()
     upgrade(settings.database_url)
     # A real filesystem broker: the watcher's enqueue lands in the queue folder.

@@ -166,7 +166,7 @@ def _watcher(home: Path, inbox: Path, **settings):
     from cxr.queue import make_celery
     from worker.watcher import InboxWatcher
 
-    s = Settings(home=home, inbox=inbox, watch_settle_seconds=0, **settings)
+    s = Settings(home=home, inbox=inbox, watch_settle_seconds=0, watch_quiet_seconds=0, **settings)
     s.ensure_dirs()
     upgrade(s.database_url)
     return s, InboxWatcher(s, make_celery(s))
