@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 from celery import Celery
@@ -292,6 +293,22 @@ def test_a_copy_whose_pixels_cannot_be_compared_is_not_merged_into_a_screened_st
     assert cut.study_id != first.study_id and cut.marker == "uid_conflict"
     with session_scope(settings.database_url) as s:
         assert "could not be compared" in s.get(Study, cut.study_id).marker_detail
+
+
+def test_a_readable_copy_replaces_a_queued_copy_that_does_not_decode(env):
+    """A copy cut short arrived first (the watcher takes one in after its stalled limit) and is
+    still queued; the complete copy then arrives: it joins that study as its primary file (the
+    queued task screens the complete bytes), no second study, no marker."""
+    settings, _ = env
+    good = to_bytes(chest_dataset(320, seed=91))
+    cut = submit(env, good[: len(good) // 2], "film-cut.dcm")
+    whole = submit(env, good, "film.dcm")
+    assert whole.study_id == cut.study_id and whole.marker is None
+    with session_scope(settings.database_url) as s:
+        study = s.get(Study, cut.study_id)
+        assert study.status == "queued" and study.marker is None
+        assert Path(study.stored_path).read_bytes() == good
+    assert len(rows(settings, Study)) == 1
 
 
 def test_conflicting_films_racing_in_two_threads_are_never_merged(env):

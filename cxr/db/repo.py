@@ -248,7 +248,12 @@ def _find_existing(session: Session, *, sha256: str, sop: str | None, filename: 
                                                 ("patient_key", "study_instance_uid", "series_instance_uid")})
         if not differs:
             same = _same_pixels(session, candidate, stored_path=stored_path, pixels=pixels)
-            if same or (same is None and candidate.status in unscored):
+            # A copy of a film still waiting in the queue whose own file does not decode (a copy
+            # cut short that the watcher took in after its stalled limit): the readable copy
+            # takes its place below, so the film is screened once, from complete bytes.
+            replaces_unreadable = (same is None and candidate.status == StudyStatus.queued.value
+                                   and pixels is not None and pixels(stored_path) is not None)
+            if same or (same is None and candidate.status in unscored) or replaces_unreadable:
                 study = candidate
                 break
             differs = ["pixels"] if same is False else ["pixels_unknown"]
@@ -264,6 +269,15 @@ def _find_existing(session: Session, *, sha256: str, sop: str | None, filename: 
             session.flush()
     except IntegrityError:
         return None  # these bytes were recorded meanwhile; the caller looks again
+    if reject is None and study.status == StudyStatus.queued.value and pixels is not None \
+            and pixels(study.stored_path) is None and pixels(stored_path) is not None:
+        # Still queued and its primary copy does not decode: the readable copy becomes the
+        # primary file; the task already queued screens it.
+        study.sha256, study.stored_path, study.size_bytes, study.filename = sha256, stored_path, size_bytes, filename
+        for column, value in metadata.items():
+            setattr(study, column, value)
+        record_event(session, study_id=study.id, status=study.status, actor=actor,
+                     detail="a readable copy of its SOP instance replaced a copy that does not decode")
     retry = reject is None and study.status in unscored
     if retry:
         # Not scored yet: the new copy may be readable. It becomes the primary file.
