@@ -205,6 +205,14 @@ def test_jobs_take_a_zip_and_refuse_unsafe_ones(api):
             assert r.status_code == status, (bad.keys(), r.text)
             assert "evil" not in r.text
         assert "'..'" in c.post("/jobs", files=files(("x.zip", zip_of({"../e.png": png(55)})))).json()["detail"]
+        # Members the unpacker cannot read: 4xx naming the member by position, never 500, never its name.
+        from tests.test_zip_members import SECRET, bad_crc, compressed_with, encrypted, truncated_stream
+
+        for data, status in ((encrypted(1), 422), (compressed_with(9, 0), 415), (bad_crc(2), 400),
+                             (truncated_stream(1), 400)):
+            r = c.post("/jobs", files=files((f"{SECRET}.zip", data)))
+            assert r.status_code == status and "zip member" in r.json()["detail"] and SECRET not in r.text, r.text
+        assert SECRET not in (api.stack.log_dir / "api.log").read_text()
         with session_scope(api.db_url) as s:  # a refused zip leaves no job behind
             assert s.scalar(select(func.count()).select_from(Job)) == jobs_before
 
