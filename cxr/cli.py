@@ -57,7 +57,9 @@ def main(
     log_level: Annotated[Optional[str], typer.Option(help="Log level (default CXR_LOG_LEVEL or INFO).")] = None,
 ) -> None:
     level = (log_level or get_settings().log_level).upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from cxr.logsafe import configure_logging
+
+    configure_logging(level)  # every record redacted as it is made (cxr/logsafe.py)
     if log_level:
         os.environ["CXR_LOG_LEVEL"] = level
 

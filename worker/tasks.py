@@ -7,14 +7,11 @@ import uuid
 
 from celery.signals import worker_process_init, worker_ready
 
-import httpx
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from cxr.db import repo
-from cxr.db.models import Job
-from cxr.db.session import session_scope
-from cxr.queue import CALLBACK_TASK, SCREEN_TASK, fire_callbacks, get_celery
+from cxr.queue import SCREEN_TASK, fire_callbacks, get_celery
 from cxr.settings import get_settings
+from worker.callbacks import job_callback  # noqa: F401 - registers the task (legacy messages on the main queue)
 from worker.service import fail_study, get_screener, process_study
 
 log = logging.getLogger(__name__)
@@ -50,34 +47,6 @@ def screen_study(self, study_id: str, scores_first: bool = False) -> str:
         raise
     fire_callbacks(app, settings.database_url, study_id=sid)
     return outcome
-
-
-@app.task(name=CALLBACK_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
-def job_callback(self, job_id: str) -> str:
-    """POST a finished job's report (the body of GET /jobs/{id}, plus ``event``) to its
-    callback_url; retried with doubling delays (CXR_CALLBACK_RETRIES, CXR_CALLBACK_BACKOFF_SECONDS)."""
-    settings = get_settings()
-    jid = uuid.UUID(job_id)
-    with session_scope(settings.database_url) as session:
-        url = session.get(Job, jid).callback_url
-        report = repo.job_report(session, job_id=jid)
-    try:
-        r = httpx.post(url, json={"event": "job.completed", **report}, timeout=10)
-        r.raise_for_status()
-    except httpx.HTTPError as e:
-        attempt = self.request.retries
-        if attempt < settings.callback_retries:
-            delay = settings.callback_backoff_seconds * 2 ** attempt
-            log.warning("job %s callback failed (%s); retry %d in %.1f s", job_id, type(e).__name__, attempt + 1, delay)
-            raise self.retry(countdown=delay) from e
-        log.error("job %s callback failed after %d attempts (%s); giving up", job_id, attempt + 1, type(e).__name__)
-        with session_scope(settings.database_url) as session:
-            repo.finish_callback(session, job_id=jid, state="failed")
-        return "failed"
-    with session_scope(settings.database_url) as session:
-        repo.finish_callback(session, job_id=jid, state="sent")
-    log.info("job %s callback delivered", job_id)
-    return "sent"
 
 
 def warm_up() -> None:

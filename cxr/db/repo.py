@@ -637,13 +637,21 @@ def job_report(session: Session, *, job_id: uuid.UUID) -> dict[str, Any] | None:
         overall = "processing"
     else:
         overall = "queued"
-    return {"job_id": str(job.id), "status": overall, "counts": counts, "studies": studies}
+    out = {"job_id": str(job.id), "status": overall, "counts": counts, "studies": studies}
+    if job.callback_url:
+        out["callback"] = {"state": job.callback_state, "attempts": job.callback_attempts or 0,
+                           "last_attempt_at": job.callback_at.isoformat() if job.callback_at else None,
+                           "error": job.callback_error}
+    return out
 
 
 def claim_complete_callbacks(session: Session, *, study_id: uuid.UUID | None = None,
-                             job_id: uuid.UUID | None = None) -> list[uuid.UUID]:
-    """Jobs (holding this study, or this job) whose callback is pending and whose studies are
-    all finished, moved to ``sending``: each is claimed by exactly one caller."""
+                             job_id: uuid.UUID | None = None, publish_grace_seconds: float = 60.0,
+                             limit: int = 1000) -> list[uuid.UUID]:
+    """Jobs (holding this study, or this job, or any job when neither is given) whose callback is
+    pending and whose studies are all finished, moved to ``sending``: each is claimed by exactly
+    one caller, who then publishes its callback task. The outbox lease runs ``publish_grace_seconds``:
+    should the task never run (lost message, dead publisher), the reaper publishes it again."""
     stmt = select(Job.id).where(Job.callback_state == "pending")
     if study_id is not None:
         stmt = stmt.where(Job.id.in_(select(JobStudy.job_id).where(JobStudy.study_id == study_id)))
@@ -652,17 +660,83 @@ def claim_complete_callbacks(session: Session, *, study_id: uuid.UUID | None = N
     unfinished = (select(JobStudy.job_id).join(Study, Study.id == JobStudy.study_id)
                   .where(JobStudy.job_id == Job.id, Study.status.not_in(TERMINAL_STATUSES)).exists())
     claimed = []
-    for jid in session.scalars(stmt.where(~unfinished)).all():
+    lease = utcnow() + timedelta(seconds=publish_grace_seconds)
+    for jid in session.scalars(stmt.where(~unfinished).limit(limit)).all():
         res = session.execute(update(Job).where(Job.id == jid, Job.callback_state == "pending")
-                              .values(callback_state="sending"))
+                              .values(callback_state="sending", callback_holder=None,
+                                      callback_lease_expires_at=lease))
         if res.rowcount == 1:
             claimed.append(jid)
     session.flush()
     return claimed
 
 
-def finish_callback(session: Session, *, job_id: uuid.UUID, state: str) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(callback_state=state, callback_at=utcnow()))
+@dataclass(frozen=True)
+class CallbackAttempt:
+    url: str
+    attempt: int  # 1 for the first delivery attempt
+    report: dict[str, Any]
+
+
+def begin_callback_attempt(session: Session, *, job_id: uuid.UUID, holder: str,
+                           lease_seconds: float) -> CallbackAttempt | None:
+    """Take the job's callback for one delivery attempt (compare-and-set): allowed when it is
+    ``sending`` and nobody holds it, or its lease expired, or ``holder`` (a Celery task id, the
+    same across that task's retries) already does. Counts the attempt and leases the delivery
+    for ``lease_seconds`` (the attempt's deadline plus the longest wait before its retry).
+    None: delivered, given up, or held by another live task."""
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.callback_state == "sending",
+               or_(Job.callback_holder.is_(None), Job.callback_holder == holder,
+                   Job.callback_lease_expires_at.is_(None), Job.callback_lease_expires_at < now))
+        .values(callback_holder=holder[:255], callback_lease_expires_at=now + timedelta(seconds=lease_seconds),
+                callback_attempts=Job.callback_attempts + 1, callback_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:
+        return None
+    url, attempts = session.execute(select(Job.callback_url, Job.callback_attempts).where(Job.id == job_id)).one()
+    return CallbackAttempt(url=url, attempt=attempts, report=job_report(session, job_id=job_id))
+
+
+def callback_attempt_failed(session: Session, *, job_id: uuid.UUID, holder: str, error: str) -> None:
+    """Record why the attempt failed; the delivery stays ``sending`` and leased to ``holder`` until its retry."""
+    session.execute(update(Job).where(Job.id == job_id, Job.callback_holder == holder)
+                    .values(callback_error=error[:1000]).execution_options(synchronize_session=False))
+
+
+def finish_callback(session: Session, *, job_id: uuid.UUID, state: str, error: str | None = None,
+                    holder: str | None = None) -> None:
+    """End the delivery: ``sent`` or ``failed`` (with why). With ``holder``, only if it still holds it."""
+    stmt = update(Job).where(Job.id == job_id)
+    if holder is not None:
+        stmt = stmt.where(Job.callback_holder == holder)
+    session.execute(stmt.values(callback_state=state, callback_at=utcnow(), callback_error=error,
+                                callback_holder=None, callback_lease_expires_at=None)
+                    .execution_options(synchronize_session=False))
+
+
+def reap_callbacks(session: Session, *, now: datetime | None = None, publish_grace_seconds: float = 60.0,
+                   limit: int = 1000) -> list[uuid.UUID]:
+    """Callbacks ``sending`` whose lease expired: their worker died mid-delivery or while waiting
+    to retry, or their task was lost. Released (compare-and-set, so one reaper takes each) with a
+    fresh publishing grace; the caller commits and publishes their tasks again."""
+    now = now or utcnow()
+    due = session.execute(select(Job.id, Job.callback_lease_expires_at)
+                          .where(Job.callback_state == "sending", Job.callback_lease_expires_at < now)
+                          .limit(limit)).all()
+    out = []
+    for jid, expires in due:
+        res = session.execute(
+            update(Job).where(Job.id == jid, Job.callback_state == "sending", Job.callback_lease_expires_at == expires)
+            .values(callback_holder=None, callback_lease_expires_at=now + timedelta(seconds=publish_grace_seconds))
+            .execution_options(synchronize_session=False))
+        if res.rowcount == 1:
+            out.append(jid)
+    session.flush()
+    return out
 
 
 @dataclass(frozen=True)
