@@ -213,6 +213,9 @@ def worker(
         pool, concurrency = "threads", settings.max_batch
     else:
         pool = "solo"
+    from worker.callbacks import start_callback_process
+
+    start_callback_process(settings)  # callbacks: their own queue and process, off the screening pool
     _run_celery_worker(celery_app, [
         "worker", f"--loglevel={settings.log_level}", "-Q", settings.queue, f"--concurrency={concurrency}",
         f"--pool={pool}", "-n", f"cxr-{os.getpid()}@%h", "--without-gossip", "--without-mingle",

@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import uuid
 
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import task_received, worker_process_init, worker_ready
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from cxr.logsafe import from_dicom_code
 from cxr.queue import SCREEN_TASK, fire_callbacks, get_celery
 from cxr.settings import get_settings
 from worker.callbacks import job_callback  # noqa: F401 - registers the task (legacy messages on the main queue)
+from worker.leases import ensure_lease_keeper, note_delivery
 from worker.service import fail_study, get_screener, process_study
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,9 @@ def screen_study(self, study_id: str, scores_first: bool = False) -> str:
             raise self.retry(countdown=delay, exc=e)
         # Recorded on the study and logged with its traceback, then re-raised.
         log.exception("study %s: unexpected error", study_id)
-        fail_study(settings, sid, f"internal_error: {type(e).__name__}: {e}")
+        # The text of an exception raised through DICOM code may quote a header value: not stored.
+        why = f"{type(e).__name__} (details in the worker log)" if from_dicom_code(e) else f"{type(e).__name__}: {e}"
+        fail_study(settings, sid, f"internal_error: {why}")
         fire_callbacks(app, settings.database_url, study_id=sid)
         raise
     fire_callbacks(app, settings.database_url, study_id=sid)
@@ -60,6 +64,18 @@ def warm_up() -> None:
 @worker_process_init.connect  # sent in each prefork child, and once by the solo pool
 def _warm(**_: object) -> None:
     warm_up()
+
+
+@worker_ready.connect
+def _alive(**_: object) -> None:
+    """The consumer process (the one that takes tasks from the broker) writes heartbeats from now on."""
+    ensure_lease_keeper(get_settings())
+
+
+@task_received.connect  # in the consumer process, as soon as a task is taken (prefetched), before it runs
+def _delivered(request=None, **_: object) -> None:
+    if request is not None and request.name == SCREEN_TASK and request.args:
+        note_delivery(get_settings(), str(request.args[0]))
 
 
 @worker_ready.connect  # the threads pool sends no worker_process_init; it never forks

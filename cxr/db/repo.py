@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from cxr.db.models import (
     STUDY_METADATA_COLUMNS, ApiKey, Job, JobStudy, ModelVersion, Result, Study, StudyEvent, StudyFile, StudyStatus,
-    utcnow,
+    Worker, utcnow,
 )
 
 
@@ -270,6 +270,42 @@ def renew_leases(session: Session, *, worker: str, lease_seconds: float) -> int:
     return res.rowcount
 
 
+def heartbeat(session: Session, *, worker: str, now: datetime | None = None) -> None:
+    """Record that ``worker`` (``host:pid``) is alive now (an upsert of its ``workers`` row)."""
+    now = now or utcnow()
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    session.execute(insert(Worker).values(name=worker[:255], started_at=now, heartbeat_at=now)
+                    .on_conflict_do_update(index_elements=["name"], set_={"heartbeat_at": now}))
+
+
+def forget_worker(session: Session, *, worker: str) -> None:
+    session.execute(delete(Worker).where(Worker.name == worker))
+
+
+def prune_workers(session: Session, *, older_than: datetime) -> int:
+    """Drop the rows of workers silent since before ``older_than`` (long gone, nothing left to reap)."""
+    held = select(Study.worker_id).where(Study.worker_id == Worker.name).exists()
+    return session.execute(delete(Worker).where(Worker.heartbeat_at < older_than, ~held)
+                           .execution_options(synchronize_session=False)).rowcount
+
+
+def mark_delivered(session: Session, *, worker: str, study_ids: list[uuid.UUID]) -> int:
+    """Note on ``queued`` studies that ``worker`` has taken their task from the broker (reserved,
+    prefetched): kept in ``worker_id`` while the study is queued. Should that worker die before
+    it claims them, the reaper publishes their tasks again at once (see reap_expired)."""
+    if not study_ids:
+        return 0
+    res = session.execute(update(Study).where(Study.id.in_(study_ids), Study.status == StudyStatus.queued.value)
+                          .values(worker_id=worker[:255]).execution_options(synchronize_session=False))
+    return res.rowcount
+
+
+def dead_workers(session: Session, *, now: datetime, dead_after: float) -> list[tuple[str, datetime]]:
+    """Workers whose last heartbeat is older than ``dead_after`` seconds: (name, last heartbeat)."""
+    cutoff = now - timedelta(seconds=dead_after)
+    return list(session.execute(select(Worker.name, Worker.heartbeat_at).where(Worker.heartbeat_at < cutoff)).all())
+
+
 @dataclass(frozen=True)
 class Requeued:
     study_id: uuid.UUID
@@ -277,17 +313,47 @@ class Requeued:
 
 
 def reap_expired(session: Session, *, now: datetime | None = None, actor: str | None = None,
-                 stale_queued_after: float | None = None, limit: int = 1000) -> list[Requeued]:
+                 stale_queued_after: float | None = None, dead_after: float | None = None,
+                 limit: int = 1000) -> list[Requeued]:
     """Re-queue every ``processing`` study whose lease expired before ``now``; the caller
     commits and then publishes a screening task for each.
 
     With ``stale_queued_after`` (seconds), also return ``queued`` studies untouched for that
     long, whose task may have been lost (the caller passes it only when the broker queue is
     empty); their ``updated_at`` is bumped so they are not re-published on the next pass.
+    With ``dead_after`` (seconds), a worker whose heartbeat (``workers``) is older than that is
+    dead: its ``processing`` studies are re-queued at once, lease or no lease, and the
+    ``queued`` studies whose task it had taken (``mark_delivered``) are returned for publishing
+    again (their mark cleared). A worker with no heartbeat row is judged by its leases only.
+
     Each change is compare-and-set, so two reapers never re-queue the same study twice."""
     now = now or utcnow()
     actor = actor or actor_name("reaper")
     out: list[Requeued] = []
+    if dead_after is not None:
+        for worker, last in dead_workers(session, now=now, dead_after=dead_after):
+            held = session.execute(
+                select(Study.id, Study.status, Study.lease_expires_at, Study.updated_at)
+                .where(Study.worker_id == worker, Study.status.in_([StudyStatus.processing.value,
+                                                                   StudyStatus.queued.value]))
+                .limit(limit)).all()
+            for sid, status, expires, updated in held:
+                cas = (Study.id == sid, Study.status == status, Study.worker_id == worker)
+                res = session.execute(
+                    update(Study).where(*cas)
+                    .values(status=StudyStatus.queued.value, worker_id=None, lease_expires_at=None, started_at=None,
+                            updated_at=now)
+                    .execution_options(synchronize_session="fetch"))
+                if res.rowcount != 1:
+                    continue
+                last_seen = last.isoformat(timespec="seconds")
+                if status == StudyStatus.processing.value:
+                    reason = f"worker {worker} is dead (no heartbeat since {last_seen}); its lease is void, re-queued"
+                else:
+                    reason = (f"its task was taken by worker {worker}, which is dead (no heartbeat since {last_seen}); "
+                              "task published again")
+                record_event(session, study_id=sid, status=StudyStatus.queued.value, actor=actor, detail=reason, at=now)
+                out.append(Requeued(study_id=sid, reason=reason))
     expired = session.execute(
         select(Study.id, Study.worker_id, Study.lease_expires_at)
         .where(Study.status == StudyStatus.processing.value, Study.lease_expires_at < now)
