@@ -39,6 +39,15 @@ import httpx
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
+# The IANA special-purpose registries' "not globally reachable" blocks (RFC 6890 and updates),
+# spelled out so the verdict does not depend on the Python version's ipaddress tables.
+_SPECIAL = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24",
+    "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
+    "224.0.0.0/4", "240.0.0.0/4",
+    "::/128", "::1/128", "::ffff:0:0/96", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32", "3fff::/20",
+    "5f00::/16", "fc00::/7", "fe80::/10", "ff00::/8",
+))
 
 
 class CallbackRefused(ValueError):
@@ -101,6 +110,8 @@ def address_problem(ip: IPAddress) -> str | None:
         ("unspecified", ip.is_unspecified), ("loopback", ip.is_loopback), ("link-local", ip.is_link_local),
         ("multicast", ip.is_multicast), ("carrier-grade NAT (100.64.0.0/10)", ip.version == 4 and ip in _CGNAT),
         ("private", ip.is_private), ("reserved", ip.is_reserved), ("not globally routable", not ip.is_global),
+        ("special-purpose, not globally reachable (RFC 6890)", any(ip.version == n.version and ip in n
+                                                                    for n in _SPECIAL)),
     )
     for name, hit in checks:
         if hit:

@@ -49,7 +49,8 @@ def api(tmp_path_factory, tiny_bundle, module_postgres_url, module_redis_url):
     env = clean_env(CXR_HOME=str(tmp / "home"), CXR_DATABASE_URL=module_postgres_url,
                     CXR_BROKER_URL=module_redis_url, CXR_QUEUE=f"cxr-test-{uuid.uuid4().hex[:8]}",
                     CXR_CHECKPOINT=str(tiny_bundle), CXR_API_KEYS=f"other-key,{KEY}", CXR_MAX_UPLOAD_MB="2",
-                    CXR_MAX_ZIP_UNCOMPRESSED_MB="4", CXR_CALLBACK_BACKOFF_SECONDS="0.5")
+                    CXR_MAX_ZIP_UNCOMPRESSED_MB="4", CXR_CALLBACK_BACKOFF_SECONDS="0.5",
+                    CXR_CALLBACK_ALLOW="127.0.0.1/32")  # the test receivers listen on loopback
     cxr("db", "upgrade", env=env)
     (tmp / "logs").mkdir()
     stack = Stack(log_dir=tmp / "logs", env=env)
@@ -368,12 +369,17 @@ def test_job_callback_is_posted_when_done_with_retries(api):
             assert hook.attempts == 2  # the first delivery got a 500 and was retried
             assert body["event"] == "job.completed" and body["job_id"] == job_id and body["status"] == "done"
             assert body["counts"] == {"done": 2} and all(s["predicted_class"] in CLASSES for s in body["studies"])
+            job = c.get(f"/jobs/{job_id}").json()
+            assert job["callback"]["state"] == "sent" and job["callback"]["attempts"] == 2
             # A job of studies already finished (the same bytes again) calls back at once.
             r = c.post("/jobs", data={"callback_url": hook.url}, files=files(("again.png", png(120))))
             again = wait_until(lambda: len(hook.bodies) > 1 and hook.bodies[1], timeout=60, describe=api.stack.logs)
             assert again["job_id"] == r.json()["job_id"] and again["counts"] == {"done": 1}
             assert c.post("/jobs", data={"callback_url": "file:///etc/passwd"},
                           files=files(("x.png", png(122)))).status_code == 422
+            for host in ("127.0.0.2", "2130706434", "[::1]", "169.254.169.254", "10.1.2.3", "localhost"):
+                r = c.post("/jobs", data={"callback_url": f"http://{host}/hook"}, files=files(("x.png", png(122))))
+                assert r.status_code == 422 and "callback refused" in r.json()["detail"], (host, r.text)
         time.sleep(1.5)
         assert hook.attempts == 3  # one delivery per job, after the one retry
     finally:
