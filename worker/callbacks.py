@@ -118,6 +118,11 @@ def main() -> None:
     settings = get_settings()
     configure_logging(settings.log_level)
     app.conf.worker_enable_remote_control = False  # not a screening worker: /health's ping does not count it
+    # Celery's "<name> ready." line would read, in the shared log, as the screening worker being ready.
+    logging.getLogger("celery.apps.worker").addFilter(lambda r: "ready." not in r.getMessage())
+    from celery.signals import worker_ready
+
+    worker_ready.connect(lambda **_: log.info("callback process consuming %s", settings.callback_queue), weak=False)
     parent = os.environ.get("CXR_CALLBACK_PARENT", str(os.getpid()))
     log.info("callback process for worker %s: queue %s, %d threads", parent, settings.callback_queue,
              settings.callback_concurrency)
