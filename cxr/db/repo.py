@@ -790,13 +790,16 @@ def reap_callbacks(session: Session, *, now: datetime | None = None, publish_gra
     to retry, or their task was lost. Released (compare-and-set, so one reaper takes each) with a
     fresh publishing grace; the caller commits and publishes their tasks again."""
     now = now or utcnow()
+    # A `sending` row without a lease predates the outbox (its delivery was lost for good then): due too.
     due = session.execute(select(Job.id, Job.callback_lease_expires_at)
-                          .where(Job.callback_state == "sending", Job.callback_lease_expires_at < now)
+                          .where(Job.callback_state == "sending",
+                                 or_(Job.callback_lease_expires_at < now, Job.callback_lease_expires_at.is_(None)))
                           .limit(limit)).all()
     out = []
     for jid, expires in due:
+        same = Job.callback_lease_expires_at.is_(None) if expires is None else Job.callback_lease_expires_at == expires
         res = session.execute(
-            update(Job).where(Job.id == jid, Job.callback_state == "sending", Job.callback_lease_expires_at == expires)
+            update(Job).where(Job.id == jid, Job.callback_state == "sending", same)
             .values(callback_holder=None, callback_lease_expires_at=now + timedelta(seconds=publish_grace_seconds))
             .execution_options(synchronize_session=False))
         if res.rowcount == 1:
