@@ -17,7 +17,6 @@ import os
 import signal
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from cxr.settings import Settings
 from tests.dicomgen import chest_dataset, to_bytes

@@ -14,7 +14,6 @@ import json
 import logging
 import sqlite3
 import uuid
-from pathlib import Path
 
 import pytest
 
