@@ -148,11 +148,8 @@ def _split(url: str) -> tuple[str, str, int]:
 
 
 def _refused(host: str, ip: IPAddress, problem: str) -> CallbackRefused:
-    spelled = literal_address(host)
-    where = f"{host.strip('[]')} is " if spelled is not None and (spelled == ip or str(spelled) == host.strip("[]")) \
-        else f"{host} is {ip}, "
-    if spelled is not None and str(spelled) != host.strip("[]") and spelled == ip and spelled.version == 4:
-        where = f"{host} is {ip}, "
+    shown = host.strip("[]")
+    where = f"{shown} is " if shown == str(ip) else f"{shown} is {ip}, "
     return CallbackRefused(
         f"callback refused: {where}{problem}; callbacks go only to public addresses. If this receiver is meant to be "
         "internal, add its address (CIDR) or host name to CXR_CALLBACK_ALLOW")
