@@ -36,6 +36,7 @@ from cxr.db.models import StudyStatus
 from cxr.db.session import DatabaseNotReady, database_problem
 from cxr.intake import DiskFullError, Intaken, check_free_space, register
 from cxr.metrics import api_metrics
+from cxr.callbacks import AllowList, static_refusal
 from cxr.queue import PRIORITY_BATCH, PRIORITY_HIGH, fire_callbacks
 from cxr.registry import resolve_bundle
 from cxr.settings import Settings, get_settings
@@ -140,6 +141,11 @@ def _store_upload(settings: Settings, upload: UploadFile, *, what: str):
         return put_stream(settings.store_dir, upload.file, max_bytes=settings.max_upload_bytes)
     except ValueError as e:
         raise HTTPException(413, f"{what}: {e}") from e
+
+
+def callback_refusal(url: str, settings: Settings):
+    """Why a callback URL is refused at submission time (cxr.callbacks.static_refusal), or None."""
+    return static_refusal(url, AllowList.parse(settings.callback_allow))
 
 
 def _intake(settings: Settings, celery: Celery, session: Session, uploads: list[UploadFile], *,
@@ -317,8 +323,11 @@ def create_job(
     callback_url: Annotated[str | None, Form(
         max_length=2000, pattern=r"^https?://[^\s\x00-\x1f]+$",
         description="POSTed the job's report (as GET /jobs/{id}, plus event) once every study is finished; "
-                    "retried with backoff")] = None,
+                    "retried with backoff. Must reach a public address (loopback, private, link-local and "
+                    "similar addresses get 422) unless CXR_CALLBACK_ALLOW lists it")] = None,
 ) -> JobCreated:
+    if callback_url and (refusal := callback_refusal(callback_url, settings)) is not None:
+        raise HTTPException(422, str(refusal))  # a loopback/private/metadata address: refused before any intake
     job_id, out = _intake(settings, celery, session, files, priority=PRIORITY_BATCH, allow_zip=True,
                           callback_url=callback_url)
     if callback_url:

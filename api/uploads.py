@@ -7,7 +7,10 @@ Errors name files by their position, never by name (names may carry patient iden
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -37,6 +40,7 @@ _SIGNATURES = (
     (b"\x00\x00\x00\x0cjP  ", "image/jp2"),
 )
 SNIFF_BYTES = 132
+log = logging.getLogger(__name__)
 
 
 def detect(head: bytes) -> str:
@@ -142,14 +146,71 @@ def _skipped(info: zipfile.ZipInfo) -> bool:
     return info.is_dir() or info.filename.startswith("__MACOSX/") or base.startswith("._") or base == ".DS_Store"
 
 
+# Compression methods Python's zipfile reads (APPNOTE.TXT 4.4.5): stored, deflate, bzip2, lzma.
+READABLE_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+METHOD_NAMES = {1: "Shrink", 6: "Implode", 9: "Deflate64", 12: "bzip2", 14: "LZMA", 93: "Zstandard", 95: "XZ",
+                98: "PPMd", 99: "AES encryption"}
+
+
+def member_unreadable(n: int, info: zipfile.ZipInfo) -> HTTPException | None:
+    """Why member ``n`` (1-based) cannot be read, decided from its header, or None.
+
+    Encrypted members (general purpose flag bit 0, APPNOTE.TXT 4.4.4) get 422: the zip is
+    well formed but its content is locked. A compression method Python cannot decompress
+    (Deflate64, PPMd, Zstandard, ...; APPNOTE.TXT 4.4.5) gets 415, an unsupported encoding.
+    The member is named by its position only: names may carry patient identifiers."""
+    if info.flag_bits & 0x1:
+        return HTTPException(422, f"zip member {n} is encrypted (password-protected); send the zip without a "
+                                  "password")
+    if info.compress_type not in READABLE_METHODS:
+        name = METHOD_NAMES.get(info.compress_type, "an unknown method")
+        return HTTPException(415, f"zip member {n} uses compression method {info.compress_type} ({name}), which "
+                                  "cannot be read; create the zip again with Deflate (the usual default) or Store")
+    return None
+
+
+@contextlib.contextmanager
+def reading_member(n: int) -> Iterator[None]:
+    """Turn any failure to read zip member ``n`` into a 400 naming it by position only.
+
+    zipfile's own messages quote the member's name ("Bad CRC-32 for file 'x'"), so they are
+    neither returned nor logged: only the exception type is."""
+    try:
+        yield
+    except HTTPException:
+        raise
+    except OSError as e:
+        if e.errno is not None:  # the disk or the spool failed (ENOSPC, EIO): not the client's zip
+            raise
+        raise _corrupt(n, e) from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, ValueError,
+            KeyError) as e:
+        if isinstance(e, ValueError) and str(e).startswith("file is larger than"):  # put_stream: over its size
+            raise HTTPException(400, f"zip member {n} expands beyond the size its header declares; the zip is "
+                                     "corrupt or crafted, create it again") from None
+        raise _corrupt(n, e) from None
+
+
+def _corrupt(n: int, e: BaseException) -> HTTPException:
+    log.warning("refused a zip: member %d cannot be read (%s)", n, type(e).__name__)
+    return HTTPException(400, f"zip member {n} cannot be read: its data is corrupt or truncated (checksum or "
+                              "compressed stream does not match); create the zip again and resend it")
+
+
 def unpack_zip(stream: BinaryIO, *, store_dir, max_total_bytes: int, max_members: int) -> Iterator[Member]:
     """Store each file of a zip. Refuses (before storing anything) members with '..' or an
     absolute path, more than ``max_members`` files, or a declared total uncompressed size
-    over ``max_total_bytes`` (zip bombs); each member is read only up to its declared size."""
+    over ``max_total_bytes`` (zip bombs); each member is read only up to its declared size.
+
+    Members that cannot be read: encrypted 422, unsupported compression 415, corrupt or
+    truncated data (bad CRC-32, broken stream) 400; each named by position ("zip member 3"),
+    never by name. Raises HTTPException."""
     try:
         zf = zipfile.ZipFile(stream)
-    except zipfile.BadZipFile as e:
-        raise HTTPException(400, f"the zip file cannot be read: {e}") from e
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        log.warning("refused a zip: its directory cannot be read (%s)", type(e).__name__)
+        raise HTTPException(400, "the zip file cannot be read (no valid central directory: truncated or not a "
+                                 "zip); create it again and resend it") from None
     with zf:
         infos = [i for i in zf.infolist() if not _skipped(i)]
         for n, info in enumerate(infos):
@@ -166,12 +227,12 @@ def unpack_zip(stream: BinaryIO, *, store_dir, max_total_bytes: int, max_members
         if not infos:
             raise HTTPException(400, "the zip holds no files")
         for n, info in enumerate(infos):
-            with zf.open(info) as f:
+            if (refusal := member_unreadable(n + 1, info)) is not None:
+                raise refusal
+        for n, info in enumerate(infos):
+            with reading_member(n + 1), zf.open(info) as f:
                 require_image(f.read(SNIFF_BYTES), what=f"zip member {n + 1}")
         for n, info in enumerate(infos):
-            try:
-                with zf.open(info) as f:
-                    stored = put_stream(store_dir, f, max_bytes=info.file_size)
-            except (zipfile.BadZipFile, ValueError) as e:
-                raise HTTPException(400, f"zip member {n + 1} cannot be read: {e}") from e
+            with reading_member(n + 1), zf.open(info) as f:
+                stored = put_stream(store_dir, f, max_bytes=info.file_size)
             yield Member(filename=PurePosixPath(info.filename.replace("\\", "/")).name, stored=stored)

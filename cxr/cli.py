@@ -83,7 +83,9 @@ def main(
     log_level: Annotated[Optional[str], typer.Option(help="Log level (default CXR_LOG_LEVEL or INFO).")] = None,
 ) -> None:
     level = (log_level or get_settings().log_level).upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from cxr.logsafe import configure_logging
+
+    configure_logging(level)  # every record redacted as it is made (cxr/logsafe.py)
     if log_level:
         os.environ["CXR_LOG_LEVEL"] = level
 
@@ -232,6 +234,9 @@ def worker(
         pool, concurrency = "threads", settings.max_batch
     else:
         pool = "solo"
+    from worker.callbacks import start_callback_process
+
+    start_callback_process(settings)  # callbacks: their own queue and process, off the screening pool
     _run_celery_worker(celery_app, [
         "worker", f"--loglevel={settings.log_level}", "-Q", settings.queue, f"--concurrency={concurrency}",
         f"--pool={pool}", "-n", f"cxr-{os.getpid()}@%h", "--without-gossip", "--without-mingle",

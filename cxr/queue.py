@@ -34,6 +34,9 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         broker_connection_timeout=5,
+        # Callbacks have their own queue, served by each worker's callback process (worker/callbacks.py):
+        # a slow receiver never takes a screening slot.
+        task_routes={CALLBACK_TASK: {"queue": settings.callback_queue}},
     )
     if settings.uses_filesystem_broker:
         settings.ensure_dirs()
@@ -84,12 +87,26 @@ def queue_depth(app: Celery, queue: str) -> int:
             raise
 
 
-def fire_callbacks(app: Celery, database_url: str, *, study_id=None, job_id=None) -> None:
-    """Enqueue the callback of every job that this study (or this job) just completed."""
+def callback_publish_grace(settings: Settings) -> float:
+    """How long a published callback task may take to start before the reaper publishes it again (s)."""
+    return max(30.0, 3 * settings.callback_deadline_seconds)
+
+
+def enqueue_callback(app: Celery, job_id: str) -> None:
+    """Publish a job's callback task (to CXR_CALLBACK_QUEUE, through task_routes)."""
+    app.send_task(CALLBACK_TASK, args=[job_id], priority=PRIORITY_HIGH)
+
+
+def fire_callbacks(app: Celery, database_url: str, *, study_id=None, job_id=None) -> list:
+    """Enqueue the callback of every job that this study (or this job; or, with neither, any
+    job) just completed. The job row is the outbox: it is `sending` before the task is
+    published, so a task lost on the way is published again by the reaper. Returns the job ids."""
     from cxr.db import repo
     from cxr.db.session import session_scope
 
     with session_scope(database_url) as session:
-        jobs = repo.claim_complete_callbacks(session, study_id=study_id, job_id=job_id)
+        jobs = repo.claim_complete_callbacks(session, study_id=study_id, job_id=job_id,
+                                             publish_grace_seconds=callback_publish_grace(get_settings()))
     for jid in jobs:
-        app.send_task(CALLBACK_TASK, args=[str(jid)], priority=PRIORITY_HIGH)
+        enqueue_callback(app, str(jid))
+    return jobs

@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     broker_poll_seconds: float = Field(0.1, gt=0, description="Polling interval of the filesystem broker.")
     log_level: str = Field("INFO", description="Log level for every process.")
     max_image_pixels: int = Field(80_000_000, description="Refuse images larger than this before decoding.")
+    decode_budget_mb: float = Field(
+        512.0, gt=0, description="Decoded image bytes (rows x cols x frames x samples x bytes per sample, read from "
+        "the header before decoding) a worker process holds at once; studies over the rest wait their turn, and one "
+        "that alone needs more is rejected as too_large.")
 
     # HTTP API.
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
@@ -79,7 +83,21 @@ class Settings(BaseSettings):
     predict_timeout_seconds: float = Field(
         30.0, gt=0, description="How long POST /predict waits for the worker before answering 504 with the study id.")
     callback_retries: int = Field(5, ge=0, description="Retries of a failed job callback (backoff doubles).")
-    callback_backoff_seconds: float = Field(2.0, gt=0, description="Delay before the first callback retry.")
+    callback_backoff_seconds: float = Field(
+        2.0, gt=0, description="Delay before the first callback retry (Celery's retry_backoff: whole seconds, at "
+        "least 1; each retry waits a random time up to this doubled per retry, retry_jitter).")
+    callback_backoff_max_seconds: float = Field(300.0, gt=0, description="Longest wait between two callback tries.")
+    callback_deadline_seconds: float = Field(
+        10.0, gt=0, description="Total time one callback attempt may take, connecting, sending and reading the whole "
+        "answer (a receiver that drips its answer is cut off here, whatever the per-read timeouts).")
+    callback_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Callback receivers allowed although their address is loopback, private, "
+        "link-local, CGNAT, multicast, reserved or unspecified (all refused by default): CIDRs (10.1.0.0/16, ::1/128) "
+        "or host names (hooks.internal), comma-separated.")
+    callback_concurrency: int = Field(
+        8, ge=0, description="Callbacks a `cxr worker` delivers at once, in its own callback process (a threads "
+        "pool on the callback queue, apart from screening). 0: this worker starts no callback process.")
+    callback_queue: str = Field("", description="Celery queue of job callbacks. Default: CXR_QUEUE + '.callbacks'.")
     api_url: str = Field("http://127.0.0.1:8000", description="Where `cxr submit` sends files.")
     api_key: SecretStr | None = Field(None, description="The X-API-Key `cxr submit` sends.")
     cors_origins: Annotated[list[str], NoDecode] = Field(
@@ -116,6 +134,12 @@ class Settings(BaseSettings):
         120.0, gt=0, description="A worker's lease on a study in `processing`; renewed every third of it while it "
         "works. Once expired (the worker died or lost the database), the reaper re-queues the study.")
     reap_interval_seconds: float = Field(15.0, gt=0, description="How often the watcher runs the reaper.")
+    worker_heartbeat_seconds: float = Field(
+        5.0, gt=0, description="How often each worker process writes its heartbeat row (table workers).")
+    worker_dead_after_seconds: float = Field(
+        30.0, gt=0, description="A worker whose heartbeat is older than this is dead: the reaper re-queues its "
+        "leased studies and the studies whose tasks it had taken (prefetched), without waiting for CXR_LEASE_SECONDS "
+        "or CXR_REQUEUE_QUEUED_AFTER_SECONDS.")
     requeue_queued_after_seconds: float = Field(
         600.0, gt=0, description="A study `queued` this long while the broker queue is empty has lost its message "
         "(a broker restarted without persistence): the reaper publishes its task again.")
@@ -162,7 +186,7 @@ class Settings(BaseSettings):
     def _parts(cls, v: Any) -> Any:
         return [str(x).strip().upper() for x in _split_list(v)]
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "callback_allow", mode="before")
     @classmethod
     def _csv(cls, v: Any) -> Any:
         return [str(x) for x in _split_list(v)] if v is not None else []
@@ -184,6 +208,8 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.home / 'cxr.db'}"
         if not self.broker_url:
             self.broker_url = "filesystem://"
+        if not self.callback_queue:
+            self.callback_queue = f"{self.queue}.callbacks"
         if self.checkpoint is not None:
             self.checkpoint = self.checkpoint.expanduser().resolve()
         if self.watch_archive is not None:
@@ -226,6 +252,10 @@ class Settings(BaseSettings):
     @property
     def pseudonym_key_file(self) -> Path:
         return self.home / "pseudonym.key"
+
+    @property
+    def decode_budget_bytes(self) -> int:
+        return int(self.decode_budget_mb * 1024 * 1024)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -49,7 +49,8 @@ def api(tmp_path_factory, tiny_bundle, module_postgres_url, module_redis_url):
     env = clean_env(CXR_HOME=str(tmp / "home"), CXR_DATABASE_URL=module_postgres_url,
                     CXR_BROKER_URL=module_redis_url, CXR_QUEUE=f"cxr-test-{uuid.uuid4().hex[:8]}",
                     CXR_CHECKPOINT=str(tiny_bundle), CXR_API_KEYS=f"other-key,{KEY}", CXR_MAX_UPLOAD_MB="2",
-                    CXR_MAX_ZIP_UNCOMPRESSED_MB="4", CXR_CALLBACK_BACKOFF_SECONDS="0.5")
+                    CXR_MAX_ZIP_UNCOMPRESSED_MB="4", CXR_CALLBACK_BACKOFF_SECONDS="0.5",
+                    CXR_CALLBACK_ALLOW="127.0.0.1/32")  # the test receivers listen on loopback
     cxr("db", "upgrade", env=env)
     (tmp / "logs").mkdir()
     stack = Stack(log_dir=tmp / "logs", env=env)
@@ -205,6 +206,14 @@ def test_jobs_take_a_zip_and_refuse_unsafe_ones(api):
             assert r.status_code == status, (bad.keys(), r.text)
             assert "evil" not in r.text
         assert "'..'" in c.post("/jobs", files=files(("x.zip", zip_of({"../e.png": png(55)})))).json()["detail"]
+        # Members the unpacker cannot read: 4xx naming the member by position, never 500, never its name.
+        from tests.test_zip_members import SECRET, bad_crc, compressed_with, encrypted, truncated_stream
+
+        for data, status in ((encrypted(1), 422), (compressed_with(9, 0), 415), (bad_crc(2), 400),
+                             (truncated_stream(1), 400)):
+            r = c.post("/jobs", files=files((f"{SECRET}.zip", data)))
+            assert r.status_code == status and "zip member" in r.json()["detail"] and SECRET not in r.text, r.text
+        assert SECRET not in (api.stack.log_dir / "api.log").read_text()
         with session_scope(api.db_url) as s:  # a refused zip leaves no job behind
             assert s.scalar(select(func.count()).select_from(Job)) == jobs_before
 
@@ -360,12 +369,18 @@ def test_job_callback_is_posted_when_done_with_retries(api):
             assert hook.attempts == 2  # the first delivery got a 500 and was retried
             assert body["event"] == "job.completed" and body["job_id"] == job_id and body["status"] == "done"
             assert body["counts"] == {"done": 2} and all(s["predicted_class"] in CLASSES for s in body["studies"])
+            sent = wait_until(lambda: (j := c.get(f"/jobs/{job_id}").json())["callback"]["state"] == "sent" and j,
+                              timeout=30, describe=api.stack.logs)
+            assert sent["callback"]["attempts"] == 2  # the 500, then the delivery
             # A job of studies already finished (the same bytes again) calls back at once.
             r = c.post("/jobs", data={"callback_url": hook.url}, files=files(("again.png", png(120))))
             again = wait_until(lambda: len(hook.bodies) > 1 and hook.bodies[1], timeout=60, describe=api.stack.logs)
             assert again["job_id"] == r.json()["job_id"] and again["counts"] == {"done": 1}
             assert c.post("/jobs", data={"callback_url": "file:///etc/passwd"},
                           files=files(("x.png", png(122)))).status_code == 422
+            for host in ("127.0.0.2", "2130706434", "[::1]", "169.254.169.254", "10.1.2.3", "localhost"):
+                r = c.post("/jobs", data={"callback_url": f"http://{host}/hook"}, files=files(("x.png", png(122))))
+                assert r.status_code == 422 and "callback refused" in r.json()["detail"], (host, r.text)
         time.sleep(1.5)
         assert hook.attempts == 3  # one delivery per job, after the one retry
     finally:

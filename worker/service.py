@@ -56,6 +56,7 @@ def screen_options(settings: Settings):
         max_batch=settings.max_batch,
         max_wait_ms=settings.max_wait_ms,
         batch_eager=settings.batch_eager,
+        decode_budget_bytes=settings.decode_budget_bytes,
     )
 
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 import logging
 import uuid
 
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import task_received, worker_process_init, worker_ready
 
-import httpx
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from cxr.db import repo
-from cxr.db.models import Job
-from cxr.db.session import DatabaseNotReady, session_scope
-from cxr.queue import CALLBACK_TASK, SCREEN_TASK, fire_callbacks, get_celery
+from cxr.db.session import DatabaseNotReady
+from cxr.logsafe import from_dicom_code
+from cxr.queue import SCREEN_TASK, fire_callbacks, get_celery
 from cxr.settings import get_settings
+from worker.callbacks import job_callback  # noqa: F401 - registers the task (legacy messages on the main queue)
+from worker.leases import ensure_lease_keeper, note_delivery
 from worker.service import fail_study, get_screener, process_study
 
 log = logging.getLogger(__name__)
@@ -47,39 +47,13 @@ def screen_study(self, study_id: str, scores_first: bool = False) -> str:
             raise self.retry(countdown=delay, exc=e)
         # Recorded on the study and logged with its traceback, then re-raised.
         log.exception("study %s: unexpected error", study_id)
-        fail_study(settings, sid, f"internal_error: {type(e).__name__}: {e}")
+        # The text of an exception raised through DICOM code may quote a header value: not stored.
+        why = f"{type(e).__name__} (details in the worker log)" if from_dicom_code(e) else f"{type(e).__name__}: {e}"
+        fail_study(settings, sid, f"internal_error: {why}")
         fire_callbacks(app, settings.database_url, study_id=sid)
         raise
     fire_callbacks(app, settings.database_url, study_id=sid)
     return outcome
-
-
-@app.task(name=CALLBACK_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
-def job_callback(self, job_id: str) -> str:
-    """POST a finished job's report (the body of GET /jobs/{id}, plus ``event``) to its
-    callback_url; retried with doubling delays (CXR_CALLBACK_RETRIES, CXR_CALLBACK_BACKOFF_SECONDS)."""
-    settings = get_settings()
-    jid = uuid.UUID(job_id)
-    with session_scope(settings.database_url) as session:
-        url = session.get(Job, jid).callback_url
-        report = repo.job_report(session, job_id=jid)
-    try:
-        r = httpx.post(url, json={"event": "job.completed", **report}, timeout=10)
-        r.raise_for_status()
-    except httpx.HTTPError as e:
-        attempt = self.request.retries
-        if attempt < settings.callback_retries:
-            delay = settings.callback_backoff_seconds * 2 ** attempt
-            log.warning("job %s callback failed (%s); retry %d in %.1f s", job_id, type(e).__name__, attempt + 1, delay)
-            raise self.retry(countdown=delay) from e
-        log.error("job %s callback failed after %d attempts (%s); giving up", job_id, attempt + 1, type(e).__name__)
-        with session_scope(settings.database_url) as session:
-            repo.finish_callback(session, job_id=jid, state="failed")
-        return "failed"
-    with session_scope(settings.database_url) as session:
-        repo.finish_callback(session, job_id=jid, state="sent")
-    log.info("job %s callback delivered", job_id)
-    return "sent"
 
 
 def warm_up() -> None:
@@ -93,6 +67,18 @@ def warm_up() -> None:
 @worker_process_init.connect  # sent in each prefork child, and once by the solo pool
 def _warm(**_: object) -> None:
     warm_up()
+
+
+@worker_ready.connect
+def _alive(**_: object) -> None:
+    """The consumer process (the one that takes tasks from the broker) writes heartbeats from now on."""
+    ensure_lease_keeper(get_settings())
+
+
+@task_received.connect  # in the consumer process, as soon as a task is taken (prefetched), before it runs
+def _delivered(request=None, **_: object) -> None:
+    if request is not None and request.name == SCREEN_TASK and request.args:
+        note_delivery(get_settings(), str(request.args[0]))
 
 
 @worker_ready.connect  # the threads pool sends no worker_process_init; it never forks

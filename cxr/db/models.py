@@ -67,10 +67,29 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # POSTed the job's report once every study is finished (retried with backoff).
     callback_url: Mapped[str | None] = mapped_column(Text, nullable=True)
-    callback_state: Mapped[str | None] = mapped_column(String(16), nullable=True)  # pending, sending, sent, failed
+    # pending, sending, sent, failed
+    callback_state: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
     callback_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The callback outbox: delivery attempts made so far, the task holding the delivery (a Celery
+    # task id) and until when; the reaper publishes again a `sending` callback whose lease expired.
+    callback_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    callback_holder: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    callback_lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    callback_error: Mapped[str | None] = mapped_column(Text, nullable=True)  # why the last attempt failed
 
     items: Mapped[list["JobStudy"]] = relationship(back_populates="job", order_by="JobStudy.position")
+
+
+class Worker(Base):
+    """A live (or once live) worker process: ``host:pid`` and its last heartbeat. The reaper
+    treats a worker whose heartbeat is older than CXR_WORKER_DEAD_AFTER_SECONDS as dead: its
+    leases and the tasks delivered to it are re-queued without waiting for the lease to run out."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
 
 
 class Study(Base):

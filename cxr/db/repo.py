@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from cxr.db.models import (
     STUDY_METADATA_COLUMNS, ApiKey, Job, JobStudy, ModelVersion, Result, Study, StudyEvent, StudyFile, StudyStatus,
-    utcnow,
+    Worker, utcnow,
 )
 from cxr.identity import UID_CONFLICT, conflict_sentence, film_key, header_differences, owner_note
 
@@ -362,6 +362,42 @@ def renew_leases(session: Session, *, worker: str, lease_seconds: float) -> int:
     return res.rowcount
 
 
+def heartbeat(session: Session, *, worker: str, now: datetime | None = None) -> None:
+    """Record that ``worker`` (``host:pid``) is alive now (an upsert of its ``workers`` row)."""
+    now = now or utcnow()
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    session.execute(insert(Worker).values(name=worker[:255], started_at=now, heartbeat_at=now)
+                    .on_conflict_do_update(index_elements=["name"], set_={"heartbeat_at": now}))
+
+
+def forget_worker(session: Session, *, worker: str) -> None:
+    session.execute(delete(Worker).where(Worker.name == worker))
+
+
+def prune_workers(session: Session, *, older_than: datetime) -> int:
+    """Drop the rows of workers silent since before ``older_than`` (long gone, nothing left to reap)."""
+    held = select(Study.worker_id).where(Study.worker_id == Worker.name).exists()
+    return session.execute(delete(Worker).where(Worker.heartbeat_at < older_than, ~held)
+                           .execution_options(synchronize_session=False)).rowcount
+
+
+def mark_delivered(session: Session, *, worker: str, study_ids: list[uuid.UUID]) -> int:
+    """Note on ``queued`` studies that ``worker`` has taken their task from the broker (reserved,
+    prefetched): kept in ``worker_id`` while the study is queued. Should that worker die before
+    it claims them, the reaper publishes their tasks again at once (see reap_expired)."""
+    if not study_ids:
+        return 0
+    res = session.execute(update(Study).where(Study.id.in_(study_ids), Study.status == StudyStatus.queued.value)
+                          .values(worker_id=worker[:255]).execution_options(synchronize_session=False))
+    return res.rowcount
+
+
+def dead_workers(session: Session, *, now: datetime, dead_after: float) -> list[tuple[str, datetime]]:
+    """Workers whose last heartbeat is older than ``dead_after`` seconds: (name, last heartbeat)."""
+    cutoff = now - timedelta(seconds=dead_after)
+    return list(session.execute(select(Worker.name, Worker.heartbeat_at).where(Worker.heartbeat_at < cutoff)).all())
+
+
 @dataclass(frozen=True)
 class Requeued:
     study_id: uuid.UUID
@@ -369,17 +405,47 @@ class Requeued:
 
 
 def reap_expired(session: Session, *, now: datetime | None = None, actor: str | None = None,
-                 stale_queued_after: float | None = None, limit: int = 1000) -> list[Requeued]:
+                 stale_queued_after: float | None = None, dead_after: float | None = None,
+                 limit: int = 1000) -> list[Requeued]:
     """Re-queue every ``processing`` study whose lease expired before ``now``; the caller
     commits and then publishes a screening task for each.
 
     With ``stale_queued_after`` (seconds), also return ``queued`` studies untouched for that
     long, whose task may have been lost (the caller passes it only when the broker queue is
     empty); their ``updated_at`` is bumped so they are not re-published on the next pass.
+    With ``dead_after`` (seconds), a worker whose heartbeat (``workers``) is older than that is
+    dead: its ``processing`` studies are re-queued at once, lease or no lease, and the
+    ``queued`` studies whose task it had taken (``mark_delivered``) are returned for publishing
+    again (their mark cleared). A worker with no heartbeat row is judged by its leases only.
+
     Each change is compare-and-set, so two reapers never re-queue the same study twice."""
     now = now or utcnow()
     actor = actor or actor_name("reaper")
     out: list[Requeued] = []
+    if dead_after is not None:
+        for worker, last in dead_workers(session, now=now, dead_after=dead_after):
+            held = session.execute(
+                select(Study.id, Study.status, Study.lease_expires_at, Study.updated_at)
+                .where(Study.worker_id == worker, Study.status.in_([StudyStatus.processing.value,
+                                                                   StudyStatus.queued.value]))
+                .limit(limit)).all()
+            for sid, status, expires, updated in held:
+                cas = (Study.id == sid, Study.status == status, Study.worker_id == worker)
+                res = session.execute(
+                    update(Study).where(*cas)
+                    .values(status=StudyStatus.queued.value, worker_id=None, lease_expires_at=None, started_at=None,
+                            updated_at=now)
+                    .execution_options(synchronize_session="fetch"))
+                if res.rowcount != 1:
+                    continue
+                last_seen = last.isoformat(timespec="seconds")
+                if status == StudyStatus.processing.value:
+                    reason = f"worker {worker} is dead (no heartbeat since {last_seen}); its lease is void, re-queued"
+                else:
+                    reason = (f"its task was taken by worker {worker}, which is dead (no heartbeat since {last_seen}); "
+                              "task published again")
+                record_event(session, study_id=sid, status=StudyStatus.queued.value, actor=actor, detail=reason, at=now)
+                out.append(Requeued(study_id=sid, reason=reason))
     expired = session.execute(
         select(Study.id, Study.worker_id, Study.lease_expires_at)
         .where(Study.status == StudyStatus.processing.value, Study.lease_expires_at < now)
@@ -745,13 +811,21 @@ def job_report(session: Session, *, job_id: uuid.UUID) -> dict[str, Any] | None:
         overall = "processing"
     else:
         overall = "queued"
-    return {"job_id": str(job.id), "status": overall, "counts": counts, "studies": studies}
+    out = {"job_id": str(job.id), "status": overall, "counts": counts, "studies": studies}
+    if job.callback_url:
+        out["callback"] = {"state": job.callback_state, "attempts": job.callback_attempts or 0,
+                           "last_attempt_at": job.callback_at.isoformat() if job.callback_at else None,
+                           "error": job.callback_error}
+    return out
 
 
 def claim_complete_callbacks(session: Session, *, study_id: uuid.UUID | None = None,
-                             job_id: uuid.UUID | None = None) -> list[uuid.UUID]:
-    """Jobs (holding this study, or this job) whose callback is pending and whose studies are
-    all finished, moved to ``sending``: each is claimed by exactly one caller."""
+                             job_id: uuid.UUID | None = None, publish_grace_seconds: float = 60.0,
+                             limit: int = 1000) -> list[uuid.UUID]:
+    """Jobs (holding this study, or this job, or any job when neither is given) whose callback is
+    pending and whose studies are all finished, moved to ``sending``: each is claimed by exactly
+    one caller, who then publishes its callback task. The outbox lease runs ``publish_grace_seconds``:
+    should the task never run (lost message, dead publisher), the reaper publishes it again."""
     stmt = select(Job.id).where(Job.callback_state == "pending")
     if study_id is not None:
         stmt = stmt.where(Job.id.in_(select(JobStudy.job_id).where(JobStudy.study_id == study_id)))
@@ -760,17 +834,86 @@ def claim_complete_callbacks(session: Session, *, study_id: uuid.UUID | None = N
     unfinished = (select(JobStudy.job_id).join(Study, Study.id == JobStudy.study_id)
                   .where(JobStudy.job_id == Job.id, Study.status.not_in(TERMINAL_STATUSES)).exists())
     claimed = []
-    for jid in session.scalars(stmt.where(~unfinished)).all():
+    lease = utcnow() + timedelta(seconds=publish_grace_seconds)
+    for jid in session.scalars(stmt.where(~unfinished).limit(limit)).all():
         res = session.execute(update(Job).where(Job.id == jid, Job.callback_state == "pending")
-                              .values(callback_state="sending"))
+                              .values(callback_state="sending", callback_holder=None,
+                                      callback_lease_expires_at=lease))
         if res.rowcount == 1:
             claimed.append(jid)
     session.flush()
     return claimed
 
 
-def finish_callback(session: Session, *, job_id: uuid.UUID, state: str) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(callback_state=state, callback_at=utcnow()))
+@dataclass(frozen=True)
+class CallbackAttempt:
+    url: str
+    attempt: int  # 1 for the first delivery attempt
+    report: dict[str, Any]
+
+
+def begin_callback_attempt(session: Session, *, job_id: uuid.UUID, holder: str,
+                           lease_seconds: float) -> CallbackAttempt | None:
+    """Take the job's callback for one delivery attempt (compare-and-set): allowed when it is
+    ``sending`` and nobody holds it, or its lease expired, or ``holder`` (a Celery task id, the
+    same across that task's retries) already does. Counts the attempt and leases the delivery
+    for ``lease_seconds`` (the attempt's deadline plus the longest wait before its retry).
+    None: delivered, given up, or held by another live task."""
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.callback_state == "sending",
+               or_(Job.callback_holder.is_(None), Job.callback_holder == holder,
+                   Job.callback_lease_expires_at.is_(None), Job.callback_lease_expires_at < now))
+        .values(callback_holder=holder[:255], callback_lease_expires_at=now + timedelta(seconds=lease_seconds),
+                callback_attempts=Job.callback_attempts + 1, callback_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:
+        return None
+    url, attempts = session.execute(select(Job.callback_url, Job.callback_attempts).where(Job.id == job_id)).one()
+    return CallbackAttempt(url=url, attempt=attempts, report=job_report(session, job_id=job_id))
+
+
+def callback_attempt_failed(session: Session, *, job_id: uuid.UUID, holder: str, error: str) -> None:
+    """Record why the attempt failed; the delivery stays ``sending`` and leased to ``holder`` until its retry."""
+    session.execute(update(Job).where(Job.id == job_id, Job.callback_holder == holder)
+                    .values(callback_error=error[:1000]).execution_options(synchronize_session=False))
+
+
+def finish_callback(session: Session, *, job_id: uuid.UUID, state: str, error: str | None = None,
+                    holder: str | None = None) -> None:
+    """End the delivery: ``sent`` or ``failed`` (with why). With ``holder``, only if it still holds it."""
+    stmt = update(Job).where(Job.id == job_id)
+    if holder is not None:
+        stmt = stmt.where(Job.callback_holder == holder)
+    session.execute(stmt.values(callback_state=state, callback_at=utcnow(), callback_error=error,
+                                callback_holder=None, callback_lease_expires_at=None)
+                    .execution_options(synchronize_session=False))
+
+
+def reap_callbacks(session: Session, *, now: datetime | None = None, publish_grace_seconds: float = 60.0,
+                   limit: int = 1000) -> list[uuid.UUID]:
+    """Callbacks ``sending`` whose lease expired: their worker died mid-delivery or while waiting
+    to retry, or their task was lost. Released (compare-and-set, so one reaper takes each) with a
+    fresh publishing grace; the caller commits and publishes their tasks again."""
+    now = now or utcnow()
+    # A `sending` row without a lease predates the outbox (its delivery was lost for good then): due too.
+    due = session.execute(select(Job.id, Job.callback_lease_expires_at)
+                          .where(Job.callback_state == "sending",
+                                 or_(Job.callback_lease_expires_at < now, Job.callback_lease_expires_at.is_(None)))
+                          .limit(limit)).all()
+    out = []
+    for jid, expires in due:
+        same = Job.callback_lease_expires_at.is_(None) if expires is None else Job.callback_lease_expires_at == expires
+        res = session.execute(
+            update(Job).where(Job.id == jid, Job.callback_state == "sending", same)
+            .values(callback_holder=None, callback_lease_expires_at=now + timedelta(seconds=publish_grace_seconds))
+            .execution_options(synchronize_session=False))
+        if res.rowcount == 1:
+            out.append(jid)
+    session.flush()
+    return out
 
 
 @dataclass(frozen=True)

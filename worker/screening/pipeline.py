@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cxr.bundle import BundleMeta
+from worker.screening.budget import DecodeBudget, TooLargeForBudget, decoded_bytes
 from worker.screening.decode import ImageDecodeError, VoiOptions, decode, decode_pixels, open_image
 from worker.screening.explain import gradcam, gradcam_from_features, save_heatmap
 from worker.screening.gate import Code, GateRules, Rejection, check_header, check_image, status_for
@@ -74,6 +75,7 @@ class ScreenOptions:
     max_batch: int = 1  # > 1: concurrent screen() calls share forward passes (see batching.py)
     max_wait_ms: float = 50.0
     batch_eager: bool = True  # run a batch once nobody else is decoding (else wait max_wait_ms to fill it)
+    decode_budget_bytes: int | None = None  # decoded bytes this process holds at once (see budget.py); None: unbounded
 
 
 def ood_rejection(score: float | None, meta: BundleMeta) -> Rejection | None:
@@ -167,6 +169,8 @@ class Screener:
         elif options.engine != "torch":
             raise ValueError(f"unknown engine {options.engine!r}: use torch or onnx")
         self.run_forward = lambda x, want_cam: (self._step(x, [want_cam])[0], 1)
+        # One budget per screener, so per process: the worker's threads and `cxr predict`'s share it.
+        self.budget = DecodeBudget(options.decode_budget_bytes) if options.decode_budget_bytes else None
         self._decoding = 0  # screen() calls that have not reached the model yet
         self._decoding_lock = threading.Lock()
         if options.max_batch > 1:
@@ -257,7 +261,19 @@ class Screener:
         from the batch's forward pass (its feature maps) and is computed for the whole batch in
         one backward pass through the head, in this thread, after ``on_scored``: drawing and
         writing it stay off the model's path. ``on_scored`` is called with the scores before
-        the map is computed, so a caller can publish them early."""
+        the map is computed, so a caller can publish them early.
+
+        With a decode budget, the file's decoded bytes (from its header) are held for the whole
+        call, which waits until they fit; a file that alone exceeds the budget is rejected
+        ``too_large`` without being decoded."""
+        nbytes = decoded_bytes(data) if self.budget is not None else None
+        try:
+            with self.budget.hold(nbytes) if nbytes is not None else contextlib.nullcontext():
+                return self._screen(data, heatmap_to=heatmap_to, on_scored=on_scored)
+        except TooLargeForBudget as e:
+            return Outcome(status=status_for(e.code), reject_code=e.code, error=f"{e.code}: {e.message}")
+
+    def _screen(self, data: bytes, *, heatmap_to: Path | None, on_scored: Callable[[Outcome], None] | None) -> Outcome:
         t0 = time.perf_counter()
         with self._decoding_lock:
             self._decoding += 1
