@@ -6,6 +6,7 @@ Shared by ``cxr predict`` and the Celery worker, so both decode, gate and score 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -21,7 +22,19 @@ import torch
 from cxr.bundle import BundleMeta
 from worker.screening.decode import ImageDecodeError, VoiOptions, decode, decode_pixels, open_image
 from worker.screening.explain import gradcam, gradcam_from_features, save_heatmap
-from worker.screening.gate import GateRules, Rejection, check_header, check_image, status_for
+from worker.screening.content import polarity_score
+from worker.screening.gate import (
+    POLARITY_THRESHOLD,
+    ContentCheck,
+    GateRules,
+    Rejection,
+    check_content,
+    check_header,
+    check_image,
+    inverted_polarity,
+    min_size_for,
+    status_for,
+)
 from worker.screening.infer import calibrated
 from worker.screening.model import LoadedModel
 from worker.screening.preprocess import preprocess
@@ -41,6 +54,12 @@ class Outcome:
     error: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+
+    @property
+    def notes(self) -> list[str]:
+        """What was done to the input on its way to the model ("<code>: <sentence>"): a negative
+        PNG/JPEG inverted, a DICOM read without its Part 10 header."""
+        return list(self.metadata.get("notes") or [])
 
 
 def risk_and_flag(probs: dict[str, float], meta: BundleMeta) -> tuple[float, bool]:
@@ -68,6 +87,16 @@ class ScreenOptions:
     max_batch: int = 1  # > 1: concurrent screen() calls share forward passes (see batching.py)
     max_wait_ms: float = 50.0
     batch_eager: bool = True  # run a batch once nobody else is decoding (else wait max_wait_ms to fill it)
+    #: Further checks of the decoded picture, run after the blank check (gate.ContentCheck): the
+    #: place where a learned out-of-distribution score plugs in.
+    content_checks: tuple[ContentCheck, ...] = ()
+
+    def for_input_size(self, input_size: int) -> "ScreenOptions":
+        """These options with the gate's minimum size derived from a model's input size, unless
+        it was set (CXR_GATE_MIN_SIZE)."""
+        if self.gate.min_size is not None:
+            return self
+        return dataclasses.replace(self, gate=dataclasses.replace(self.gate, min_size=min_size_for(input_size)))
 
 
 class Rejected(ImageDecodeError):
@@ -81,8 +110,12 @@ class Rejected(ImageDecodeError):
 def gated_pixels(data: bytes, options: ScreenOptions = ScreenOptions()) -> tuple[np.ndarray, dict]:
     """bytes -> (decoded (H, W) pixels in [0, 1], metadata), through the quality gate.
 
-    The header rules run before any pixel is decoded. Raises ImageDecodeError: the file
-    cannot be read, or (as its subclass Rejected) it is read but not to be screened."""
+    The header rules run before any pixel is decoded; then the size, the content (blank, and
+    ``options.content_checks``) and, for PNG and JPEG only, the polarity: a negative is
+    inverted and a note says so in ``metadata["notes"]`` (CXR_GATE_POLARITY=invert), or
+    refused (``reject``). A DICOM's Photometric Interpretation is authoritative: never
+    inverted here. Raises ImageDecodeError: the file cannot be read, or (as its subclass
+    Rejected) it is read but not to be screened."""
     opened = open_image(data, max_pixels=options.max_pixels)
     if (rejection := check_header(opened.metadata, options.gate)) is not None:
         raise Rejected(rejection, opened.metadata)
@@ -90,6 +123,18 @@ def gated_pixels(data: bytes, options: ScreenOptions = ScreenOptions()) -> tuple
     metadata = {**opened.metadata, "height": int(pixels.shape[0]), "width": int(pixels.shape[1])}
     if (rejection := check_image(pixels.shape, options.gate)) is not None:
         raise Rejected(rejection, metadata)
+    if (rejection := check_content(pixels, options.gate, options.content_checks)) is not None:
+        raise Rejected(rejection, metadata)
+    if opened.format in ("png", "jpeg") and options.gate.polarity != "off":
+        score = polarity_score(pixels)
+        if score < -POLARITY_THRESHOLD:
+            if options.gate.polarity == "reject":
+                raise Rejected(inverted_polarity(score), metadata)
+            pixels = np.subtract(np.float32(1.0), pixels, dtype=np.float32)
+            metadata["notes"] = [*metadata.get("notes", []), (
+                f"polarity_inverted: the {opened.format.upper()} looked like a negative (polarity score "
+                f"{score:.1f}) and was inverted before screening; export it with its photometric "
+                "interpretation applied")]
     return pixels, metadata
 
 
@@ -133,7 +178,7 @@ class Screener:
     def __init__(self, loaded: LoadedModel, options: ScreenOptions = ScreenOptions()) -> None:
         self.loaded = loaded
         self.meta = loaded.meta
-        self.options = options
+        self.options = options = options.for_input_size(loaded.meta.input_size)
         self.onnx = None
         # Grad-CAM runs one batch at a time: concurrent backward passes through the shared model
         # from several worker threads crashed the process here (SIGSEGV). It is cheap (head only),
