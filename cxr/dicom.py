@@ -20,6 +20,7 @@ from typing import Any
 
 import pydicom
 import pydicom.config
+from pydicom.datadict import dictionary_has_tag
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
@@ -73,14 +74,15 @@ _UNDEFINED = 0xFFFFFFFF
 
 
 def bare_dicom_encoding(head: bytes) -> str | None:
-    """'implicit' or 'explicit' when ``head`` (the first bytes of a file, 132 or more) starts a
+    """'implicit' or 'explicit' when ``head`` (the first bytes of a file, 256 or more) starts a
     bare DICOM data set in little endian: no preamble, no 'DICM', no file meta, as older PACS,
     ACR-NEMA-style and planning-system exports write (PS3.5 7.1). Else None.
 
     The first tag must be of a group a data set starts with (0002, 0008, 0010, 0018, 0020,
-    0028); then every element inside ``head`` is walked: tags strictly ascending, explicit VRs
-    valid, lengths even (or undefined for a sequence or OB/UN/UN). At least two elements must be
-    seen unless the first one's value runs past ``head``. Text and other formats fail at once."""
+    0028); then every element inside ``head`` is walked: tags strictly ascending, public tags
+    known to the data dictionary (PS3.6), explicit VRs valid, lengths even. At least two
+    element headers must be read, or one of undefined length followed by a sequence item.
+    Text and other formats fail at once."""
     if len(head) < 8 or int.from_bytes(head[0:2], "little") not in _FIRST_GROUPS:
         return None
     explicit = head[4:6] in _VRS
@@ -88,7 +90,9 @@ def bare_dicom_encoding(head: bytes) -> str | None:
     while pos + 8 <= len(head):
         group, elem = int.from_bytes(head[pos:pos + 2], "little"), int.from_bytes(head[pos + 2:pos + 4], "little")
         tag = (group << 16) | elem
-        if tag <= last or group == 0 or group > 0x7FE0 and group not in (0xFFFE, 0xFFFC):
+        if tag <= last or group == 0 or group > 0x7FE0:
+            return None
+        if group % 2 == 0 and elem != 0 and not dictionary_has_tag(tag):
             return None
         last = tag
         if explicit:
@@ -106,12 +110,14 @@ def bare_dicom_encoding(head: bytes) -> str | None:
         else:
             length, start = int.from_bytes(head[pos + 4:pos + 8], "little"), pos + 8
         seen += 1
-        if length == _UNDEFINED:
-            break  # a sequence or encapsulated data: what follows is items, not elements
+        if length == _UNDEFINED:  # a sequence: an item (or the end of the sequence) must follow
+            if head[start:start + 4] in (b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0"):
+                seen += 1
+            break
         if length % 2:
             return None
         pos = start + length
-    if seen >= 2 or (seen == 1 and pos >= len(head)):
+    if seen >= 2:
         return "explicit" if explicit else "implicit"
     return None
 
