@@ -23,7 +23,7 @@ DEFAULT_BUNDLE = PROJECT_ROOT / "models" / "cxr-default.safetensors"
 # DICOM's defined terms are CHEST and THORAX; the rest are common local spellings.
 DEFAULT_CHEST_BODY_PARTS = (
     "CHEST", "THORAX", "LUNG", "LUNGS", "CXR", "TORAX", "TORACE", "TORAKS", "BRUST", "BRUSTKORB", "POITRINE",
-    "THORACIC", "PECHO",
+    "THORACIC", "PECHO", "THX", "TORACICO", "THORAKS",
 )
 
 

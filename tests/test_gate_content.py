@@ -242,6 +242,7 @@ def region(code: str | None, meaning: str | None) -> Sequence:
     ({"StudyDescription": "Rx pie izquierdo"}, "StudyDescription"),
     ({"SeriesDescription": "Abdomen supine"}, "SeriesDescription"),
     ({"StudyDescription": "Cervical spine"}, "StudyDescription"),
+    ({"SeriesDescription": "Thoracic spine AP"}, "SeriesDescription"),
     ({"AnatomicRegionSequence": region("72696002", None)}, "AnatomicRegionSequence"),
     ({"AnatomicRegionSequence": region("T-D9700", "Foot")}, "AnatomicRegionSequence"),
     ({"SeriesDescription": "Pelvis AP", "StudyDescription": "Chest and pelvis"}, "SeriesDescription"),
@@ -257,13 +258,14 @@ def test_anatomy_from_other_fields_refuses_what_is_not_a_chest(tags, field):
 
 
 @pytest.mark.parametrize("tags", [
-    {"StudyDescription": "Tórax PA"},
-    {"StudyDescription": "THX AP portable"},
+    {"SeriesDescription": "Tórax PA", "StudyDescription": "Rodilla"},
+    {"SeriesDescription": "THX AP portable", "StudyDescription": "Knee"},
     {"SeriesDescription": "CXR PA", "StudyDescription": "Knee and chest"},
     {"ProtocolName": "Lungs", "StudyDescription": "ABDOMEN"},
     {"AnatomicRegionSequence": region("43799004", None), "StudyDescription": "KNEE"},
     {"AnatomicRegionSequence": region(None, "Thorax")},
     {"StudyDescription": "Routine"},
+    {"ProtocolName": "Thoracic PA"},
     {},
     {"BodyPartExamined": "CHEST", "StudyDescription": "KNEE"},  # BodyPartExamined decides when present
 ])
@@ -275,6 +277,8 @@ def test_anatomy_from_other_fields_passes_chests_and_the_unknown(tags):
 
 
 def test_anatomy_rule_follows_its_switch_and_the_chest_words():
+    with pytest.raises(ValueError, match="polarity"):
+        GateRules(polarity="maybe")
     meta = {"anatomy": {"StudyDescription": "Brustkorb p.a."}}
     assert check_anatomy(meta, CHEST) is None
     assert check_anatomy({"anatomy": {"StudyDescription": "Knee"}}, CHEST).code is Code.not_chest

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from cxr.settings import DEFAULT_CHEST_BODY_PARTS
+
 
 class Code(StrEnum):
     # Gate rules (each can be turned off)
@@ -95,13 +97,15 @@ class GateRules:
     multi_frame: bool = True
     too_small: bool = True
     min_size: int | None = None
-    chest_body_parts: frozenset[str] = field(
-        default_factory=lambda: frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "CXR"})
-    )
+    chest_body_parts: frozenset[str] = field(default_factory=lambda: frozenset(DEFAULT_CHEST_BODY_PARTS))
     not_chest_words: frozenset[str] = field(default_factory=lambda: NOT_CHEST_WORDS)
     blank_image: bool = True
     min_detail: float = MIN_DETAIL
     polarity: str = "invert"  # PNG/JPEG negatives: "invert" (and record it), "reject", or "off"
+
+    def __post_init__(self) -> None:
+        if self.polarity not in POLARITY_MODES:
+            raise ValueError(f"polarity must be one of {', '.join(POLARITY_MODES)}, not {self.polarity!r}")
 
     @property
     def effective_min_size(self) -> int:
@@ -201,12 +205,18 @@ NOT_CHEST_CODES = frozenset({
 ANATOMY_FIELDS = ("AnatomicRegionSequence", "ProtocolName", "SeriesDescription", "StudyDescription")
 
 
+#: Chest words that only qualify another body part when one is named ("thoracic spine").
+_CHEST_ADJECTIVES = frozenset({"THORACIC", "TORACICO", "THORAKAL"})
+
+
 def _verdict(words: set[str], chest: set[str], not_chest: Iterable[str]) -> str | None:
-    """'chest', or the first non-chest word found (when no chest word is), or None."""
-    if words & chest:
+    """'chest', or the first non-chest word found (when no chest noun is), or None."""
+    if words & (chest - _CHEST_ADJECTIVES):
         return "chest"
     found = sorted(words & set(not_chest))
-    return found[0] if found else None
+    if found:
+        return found[0]
+    return "chest" if words & chest else None
 
 
 def check_anatomy(meta: Mapping[str, Any], chest_words: Iterable[str],
