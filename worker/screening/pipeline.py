@@ -141,7 +141,8 @@ def gated_pixels(data: bytes, options: ScreenOptions = ScreenOptions()) -> tuple
 def model_input(data: bytes, meta: BundleMeta, *, max_pixels: int = 80_000_000, voi: VoiOptions = VoiOptions()
                 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """bytes -> (decoded pixels, model input (C, H, W), metadata), with no quality gate (the
-    trainer's evaluation reads its data set through this). Raises ImageDecodeError."""
+    trainer and ``cxr evaluate`` go through :func:`gated_pixels` instead, as the service does).
+    Raises ImageDecodeError."""
     decoded = decode(data, max_pixels=max_pixels, voi=voi)
     return decoded.pixels, to_model(decoded.pixels, meta), decoded.metadata
 
