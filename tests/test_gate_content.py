@@ -163,6 +163,10 @@ def test_content_checks_plug_in_after_the_blank_check():
         gated_pixels(blank_files()["black.png"], options)
     assert e.value.code == "blank_image" and len(seen) == 1
     assert gated_pixels(png_bytes(chest_like(SIZE)), ScreenOptions(content_checks=(lambda p: None,)))
+    # After the polarity check: a negative PNG reaches the hook as the positive the model sees.
+    got = []
+    gated_pixels(png_bytes(255 - chest_like(SIZE)), ScreenOptions(content_checks=(lambda p: got.append(p),)))
+    np.testing.assert_allclose(got[0], chest_like(SIZE) / 255.0, atol=1e-6)
 
 
 # Polarity of PNG and JPEG exports -------------------------------------------------------

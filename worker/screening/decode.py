@@ -27,11 +27,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cxr.dicom import anatomy_fields, header_fields, read_dataset  # also sets pydicom's lenient reading
-from cxr.formats import JPEG_MAGIC, PNG_MAGIC, SNIFF_BYTES
+from cxr.formats import SNIFF_BYTES
 from cxr.formats import sniff as _sniff
 from worker.screening.gate import Code
-
-_REEXPORTED = (JPEG_MAGIC, PNG_MAGIC)  # callers import the magic numbers from here too
 
 
 class ImageDecodeError(ValueError):
@@ -133,8 +131,10 @@ def robust_range(arr: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5,
     sample = arr[::step, ::step] if arr.ndim == 2 else arr
     full = arr
     if exclude is not None and not exclude.all():
-        sample = sample[~(exclude[::step, ::step] if arr.ndim == 2 else exclude)]
         full = arr[~exclude]
+        sample = sample[~(exclude[::step, ::step] if arr.ndim == 2 else exclude)]
+        if sample.size == 0:
+            sample = full
     lo, hi = np.percentile(sample, [low_pct, high_pct])
     if not hi > lo:
         lo, hi = float(full.min()), float(full.max())

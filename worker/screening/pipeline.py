@@ -87,8 +87,8 @@ class ScreenOptions:
     max_batch: int = 1  # > 1: concurrent screen() calls share forward passes (see batching.py)
     max_wait_ms: float = 50.0
     batch_eager: bool = True  # run a batch once nobody else is decoding (else wait max_wait_ms to fill it)
-    #: Further checks of the decoded picture, run after the blank check (gate.ContentCheck): the
-    #: place where a learned out-of-distribution score plugs in.
+    #: Further checks of the decoded picture (gate.ContentCheck), run after the blank and polarity
+    #: checks: the place where a learned out-of-distribution score plugs in.
     content_checks: tuple[ContentCheck, ...] = ()
 
     def for_input_size(self, input_size: int) -> "ScreenOptions":
@@ -110,11 +110,11 @@ class Rejected(ImageDecodeError):
 def gated_pixels(data: bytes, options: ScreenOptions = ScreenOptions()) -> tuple[np.ndarray, dict]:
     """bytes -> (decoded (H, W) pixels in [0, 1], metadata), through the quality gate.
 
-    The header rules run before any pixel is decoded; then the size, the content (blank, and
-    ``options.content_checks``) and, for PNG and JPEG only, the polarity: a negative is
-    inverted and a note says so in ``metadata["notes"]`` (CXR_GATE_POLARITY=invert), or
-    refused (``reject``). A DICOM's Photometric Interpretation is authoritative: never
-    inverted here. Raises ImageDecodeError: the file cannot be read, or (as its subclass
+    The header rules run before any pixel is decoded; then the size, the blank check, for
+    PNG and JPEG only the polarity (a negative is inverted and a note says so in
+    ``metadata["notes"]`` with CXR_GATE_POLARITY=invert, or refused with ``reject``; a
+    DICOM's Photometric Interpretation is authoritative, never inverted here), and last
+    ``options.content_checks`` on the picture as the model will see it. Raises ImageDecodeError: the file cannot be read, or (as its subclass
     Rejected) it is read but not to be screened."""
     opened = open_image(data, max_pixels=options.max_pixels)
     if (rejection := check_header(opened.metadata, options.gate)) is not None:
@@ -123,7 +123,7 @@ def gated_pixels(data: bytes, options: ScreenOptions = ScreenOptions()) -> tuple
     metadata = {**opened.metadata, "height": int(pixels.shape[0]), "width": int(pixels.shape[1])}
     if (rejection := check_image(pixels.shape, options.gate)) is not None:
         raise Rejected(rejection, metadata)
-    if (rejection := check_content(pixels, options.gate, options.content_checks)) is not None:
+    if (rejection := check_content(pixels, options.gate)) is not None:  # blank_image
         raise Rejected(rejection, metadata)
     if opened.format in ("png", "jpeg") and options.gate.polarity != "off":
         score = polarity_score(pixels)
@@ -135,6 +135,9 @@ def gated_pixels(data: bytes, options: ScreenOptions = ScreenOptions()) -> tuple
                 f"polarity_inverted: the {opened.format.upper()} looked like a negative (polarity score "
                 f"{score:.1f}) and was inverted before screening; export it with its photometric "
                 "interpretation applied")]
+    for check in options.content_checks:  # they see the picture as the model will
+        if (rejection := check(pixels)) is not None:
+            raise Rejected(rejection, metadata)
     return pixels, metadata
 
 
