@@ -290,13 +290,15 @@ def check_image(shape: tuple[int, ...], rules: GateRules) -> Rejection | None:
 ContentCheck = Callable[[np.ndarray], "Rejection | None"]
 
 
-def check_blank(pixels: np.ndarray, min_detail: float = MIN_DETAIL) -> Rejection | None:
+def check_blank(pixels: np.ndarray, min_detail: float = MIN_DETAIL, thumb: np.ndarray | None = None
+                ) -> Rejection | None:
     """``blank_image`` when the decoded picture holds no radiograph: black, white, a uniform
     grey, uniform with noise, a gradient, or a small label on an empty field
-    (:func:`worker.screening.content.detail` under ``min_detail``)."""
+    (:func:`worker.screening.content.detail` under ``min_detail``; ``thumb``: the picture's
+    ``content.thumbnail`` when already made)."""
     from worker.screening.content import detail
 
-    measured = detail(pixels)
+    measured = detail(pixels, thumb)
     if measured >= min_detail:
         return None
     return Rejection(
@@ -307,9 +309,10 @@ def check_blank(pixels: np.ndarray, min_detail: float = MIN_DETAIL) -> Rejection
     )
 
 
-def check_content(pixels: np.ndarray, rules: GateRules, extra: Sequence[ContentCheck] = ()) -> Rejection | None:
+def check_content(pixels: np.ndarray, rules: GateRules, extra: Sequence[ContentCheck] = (),
+                  thumb: np.ndarray | None = None) -> Rejection | None:
     """Rules decided on the decoded picture: blank first, then each ``extra`` check in order."""
-    if rules.blank_image and (rejection := check_blank(pixels, rules.min_detail)) is not None:
+    if rules.blank_image and (rejection := check_blank(pixels, rules.min_detail, thumb)) is not None:
         return rejection
     for check in extra:
         if (rejection := check(pixels)) is not None:

@@ -22,7 +22,7 @@ import torch
 from cxr.bundle import BundleMeta
 from worker.screening.decode import ImageDecodeError, VoiOptions, decode, decode_pixels, open_image
 from worker.screening.explain import gradcam, gradcam_from_features, save_heatmap
-from worker.screening.content import polarity_score
+from worker.screening.content import polarity_score, thumbnail
 from worker.screening.gate import (
     POLARITY_THRESHOLD,
     ContentCheck,
@@ -123,10 +123,11 @@ def gated_pixels(data: bytes, options: ScreenOptions = ScreenOptions()) -> tuple
     metadata = {**opened.metadata, "height": int(pixels.shape[0]), "width": int(pixels.shape[1])}
     if (rejection := check_image(pixels.shape, options.gate)) is not None:
         raise Rejected(rejection, metadata)
-    if (rejection := check_content(pixels, options.gate)) is not None:  # blank_image
+    thumb = thumbnail(pixels)  # shared by the blank and polarity checks
+    if (rejection := check_content(pixels, options.gate, thumb=thumb)) is not None:  # blank_image
         raise Rejected(rejection, metadata)
     if opened.format in ("png", "jpeg") and options.gate.polarity != "off":
-        score = polarity_score(pixels)
+        score = polarity_score(pixels, thumb)
         if score < -POLARITY_THRESHOLD:
             if options.gate.polarity == "reject":
                 raise Rejected(inverted_polarity(score), metadata)
