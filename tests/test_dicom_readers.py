@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import io
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000
 from api.uploads import detect, is_zip
 from cxr.dicom import bare_dicom_encoding, read_header
 from cxr.formats import sniff
+from tests.conftest import IN_CI
 from tests.dicomgen import chest_dataset, missing_encoder, to_bytes
 from tests.imagegen import chest_like
 from tests.test_dicom_decode import need_encoder
@@ -117,6 +120,29 @@ def test_bits_above_bits_stored_are_masked_in_every_syntax(key):
     data, clean, c, w = high_bits_file(key)
     pixels = decode(data).pixels
     np.testing.assert_allclose(pixels, window_linear(clean, c, w), atol=1e-6)
+
+
+@pytest.mark.parametrize("key, tool", [("explicit", "dcmj2pnm"), ("rle", "dcmj2pnm"), ("jpeg_ls", "dcml2pnm")])
+def test_bits_above_bits_stored_match_dcmtk(key, tool, tmp_path):
+    """DCMTK, an independent DICOM renderer, with the header's window and overlays off, gives
+    the same picture to within one grey level of 255."""
+    if shutil.which(tool) is None:
+        if IN_CI:
+            pytest.fail(f"CI=true installs DCMTK, but {tool} is missing")
+        pytest.skip(f"{tool} not installed (apt-get install -y dcmtk)")
+    if key != "explicit" and missing_encoder(key) is not None:
+        need_encoder(key)
+    from PIL import Image
+
+    data, clean, c, w = high_bits_file(key)
+    (tmp_path / "in.dcm").write_bytes(data)
+    subprocess.run([tool, "+Wi", "1", "-O", str(tmp_path / "in.dcm"), str(tmp_path / "out.pgm")], check=True,
+                   capture_output=True, timeout=60)
+    dcmtk = np.asarray(Image.open(tmp_path / "out.pgm"), dtype=np.float64)
+    ours = decode(data).pixels * 255.0
+    assert np.abs(ours - dcmtk).max() <= 1.0
+    unmasked = window_linear(clean | 0xF000, c, w) * 255.0  # what the overlay band would look like unmasked
+    assert np.abs(unmasked[20:40] - dcmtk[20:40]).max() > 100
 
 
 def test_signed_values_are_sign_extended_from_bits_stored():
