@@ -350,7 +350,8 @@ def get_study(study_id: uuid.UUID, session: SessionDep) -> dict[str, Any]:
     study = repo.get_study(session, study_id=study_id)
     if study is None:
         raise HTTPException(404, f"no study {study_id}")
-    return repo.study_summary(study, repo.latest_result(study)) | {"disclaimer": DISCLAIMER}
+    return (repo.study_summary(study, repo.latest_result(study))
+            | {"notes": repo.study_notes(session, study_id=study_id), "disclaimer": DISCLAIMER})
 
 
 def _image(session: Session, study_id: uuid.UUID, *, which: str) -> Response:

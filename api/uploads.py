@@ -20,6 +20,7 @@ from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cxr.dicom import is_dicom
+from cxr.formats import MEDIA_TYPES, SNIFF_BYTES, sniff
 from cxr.settings import get_settings
 from cxr.store import Stored, put_stream
 
@@ -39,16 +40,15 @@ _SIGNATURES = (
     (b"\x1f\x8b", "application/gzip"),
     (b"\x00\x00\x00\x0cjP  ", "image/jp2"),
 )
-SNIFF_BYTES = 132
 log = logging.getLogger(__name__)
 
 
 def detect(head: bytes) -> str:
-    """The media type of a file from its first bytes (at least 132 when the file has them)."""
+    """The media type of a file from its first bytes (at least SNIFF_BYTES when the file has them)."""
     if not head:
         return "empty"
-    if is_dicom(head):
-        return "application/dicom"
+    if (kind := sniff(head)) is not None:  # the worker's own sniffer (cxr.formats): DICM first
+        return MEDIA_TYPES[kind]
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "image/webp"
     for magic, media in _SIGNATURES:
@@ -68,10 +68,10 @@ def peek(stream: BinaryIO) -> bytes:
 
 
 def require_image(head: bytes, *, what: str) -> None:
-    """415 unless the bytes are PNG, JPEG or DICOM Part 10; the message gives the detected type."""
+    """415 unless the bytes are PNG, JPEG or DICOM (Part 10 or a bare data set); the message gives the detected type."""
     media = detect(head)
     if media not in ACCEPTED.values():
-        raise HTTPException(415, f"{what} is {media}; only PNG, JPEG and DICOM (Part 10) files are accepted")
+        raise HTTPException(415, f"{what} is {media}; only PNG, JPEG and DICOM files are accepted")
 
 
 def too_large(limit_bytes: int) -> HTTPException:
@@ -129,7 +129,8 @@ class Member:
 
 
 def is_zip(head: bytes) -> bool:
-    return head.startswith(ZIP_MAGIC) or head.startswith(b"PK\x05\x06")
+    """A zip, unless 'DICM' at offset 128 says it is a DICOM file whose preamble starts with 'PK'."""
+    return (head.startswith(ZIP_MAGIC) or head.startswith(b"PK\x05\x06")) and not is_dicom(head)
 
 
 def member_problem(name: str) -> str | None:

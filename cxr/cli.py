@@ -403,7 +403,8 @@ def predict_rows(screener, files: list[Path], *, heatmaps: Path | None = None, w
         return {"path": str(f), "status": out.status, "reject_code": out.reject_code,
                 "predicted_class": out.predicted_class, "probabilities": out.probabilities,
                 "flagged": out.flagged, "uncertain": out.uncertain, "uncertainty": out.uncertainty,
-                "ood_score": out.ood_score, "heatmap_path": out.heatmap_path, "error": out.error}
+                "ood_score": out.ood_score, "heatmap_path": out.heatmap_path, "error": out.error,
+                "notes": "; ".join(out.notes) or None}
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         return list(tqdm(pool.map(one, enumerate(files)), total=len(files), desc="screening", unit="file",
@@ -440,7 +441,8 @@ def predict(
     files = iter_inputs(paths)
     rows = predict_rows(screener, files, heatmaps=heatmaps, workers=settings.max_batch)
     typer.echo(render(rows, fmt=format.value, columns=(
-        "path", "status", "predicted_class", "flagged", "uncertain", "probabilities", "reject_code", "error")))
+        "path", "status", "predicted_class", "flagged", "uncertain", "probabilities", "reject_code", "error",
+        "notes")))
     typer.echo(DISCLAIMER, err=True)
     if not any(r["status"] == "done" for r in rows):
         raise typer.Exit(1)
@@ -715,16 +717,18 @@ def study_show(
         summary = repo.study_summary(study, repo.latest_result(study))
         summary["worker_id"] = study.worker_id
         summary["lease_expires_at"] = study.lease_expires_at.isoformat() if study.lease_expires_at else None
+        summary["notes"] = repo.study_notes(session, study_id=sid)
         history = [{"at": e.at.isoformat(), "status": e.status, "actor": e.actor, "detail": e.detail}
                    for e in repo.study_events(session, study_id=sid)]
     if format is Format.json:
         typer.echo(json.dumps({**summary, "history": history}, indent=2, default=str))
     else:
         fields = ("study_id", "filename", "source", "status", "predicted_class", "risk", "flagged", "uncertain",
-                  "uncertainty", "ood_score", "reject_code", "error", "marker", "marker_detail", "conflicts_with",
-                  "model_version", "worker_id", "lease_expires_at", "created_at", "finished_at")
+                  "uncertainty", "ood_score", "reject_code", "error", "notes", "marker", "marker_detail",
+                  "conflicts_with", "model_version", "worker_id", "lease_expires_at", "created_at", "finished_at")
         width = max(map(len, fields))
-        typer.echo("\n".join(f"{k.ljust(width)}  {'' if summary.get(k) is None else summary[k]}" for k in fields))
+        shown = {**summary, "notes": "; ".join(summary["notes"]) or None}
+        typer.echo("\n".join(f"{k.ljust(width)}  {'' if shown.get(k) is None else shown[k]}" for k in fields))
         typer.echo("\nHistory")
         typer.echo(render(history, fmt="csv" if format is Format.csv else "table",
                           columns=("at", "status", "actor", "detail")))

@@ -20,6 +20,7 @@ from typing import Any
 
 import pydicom
 import pydicom.config
+from pydicom.datadict import dictionary_has_tag
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
@@ -37,6 +38,9 @@ pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 logging.getLogger("pydicom.pixels.decoders.base").setLevel(logging.CRITICAL)
 
 DICM_OFFSET = 128
+#: How many leading bytes the sniffers read: the preamble and 'DICM', or the first elements of a
+#: bare data set.
+SNIFF_BYTES = 256
 
 # DICOM keyword -> our column name, with the column's length.
 HEADER_FIELDS: dict[str, tuple[str, int]] = {
@@ -55,8 +59,94 @@ UID_FIELDS = {"study_instance_uid", "series_instance_uid", "sop_instance_uid"}
 
 
 def is_dicom(data: bytes) -> bool:
-    """A DICOM Part 10 file: 128-byte preamble, then 'DICM'."""
+    """A DICOM Part 10 file: 128-byte preamble (any bytes, even 'PK' or a TIFF header), then 'DICM'."""
     return len(data) >= DICM_OFFSET + 4 and data[DICM_OFFSET:DICM_OFFSET + 4] == b"DICM"
+
+
+# Value representations (PS3.5 6.2) and those with a 4-byte length in explicit VR (PS3.5 7.1.2).
+_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR "
+                 b"US UT UV".split())
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ UC UN UR UT SV UV".split())
+#: Groups a bare data set may start with: file meta (0002), identification (0008), patient
+#: (0010), acquisition (0018), relationship (0020), image presentation (0028).
+_FIRST_GROUPS = frozenset({0x0002, 0x0008, 0x0010, 0x0018, 0x0020, 0x0028})
+_UNDEFINED = 0xFFFFFFFF
+
+
+def bare_dicom_encoding(head: bytes) -> str | None:
+    """'implicit' or 'explicit' when ``head`` (the first bytes of a file, 256 or more) starts a
+    bare DICOM data set in little endian: no preamble, no 'DICM', no file meta, as older PACS,
+    ACR-NEMA-style and planning-system exports write (PS3.5 7.1). Else None.
+
+    The first tag must be of a group a data set starts with (0002, 0008, 0010, 0018, 0020,
+    0028); then every element inside ``head`` is walked: tags strictly ascending, public tags
+    known to the data dictionary (PS3.6), explicit VRs valid, lengths even. At least two
+    element headers must be read, or one of undefined length followed by a sequence item.
+    Text and other formats fail at once."""
+    if len(head) < 8 or int.from_bytes(head[0:2], "little") not in _FIRST_GROUPS:
+        return None
+    explicit = head[4:6] in _VRS
+    pos, last, seen = 0, -1, 0
+    while pos + 8 <= len(head):
+        group, elem = int.from_bytes(head[pos:pos + 2], "little"), int.from_bytes(head[pos + 2:pos + 4], "little")
+        tag = (group << 16) | elem
+        if tag <= last or group == 0 or group > 0x7FE0:
+            return None
+        if group % 2 == 0 and elem != 0 and not dictionary_has_tag(tag):
+            return None
+        last = tag
+        if explicit:
+            vr = head[pos + 4:pos + 6]
+            if vr not in _VRS:
+                return None
+            if vr in _LONG_VRS:
+                if pos + 12 > len(head):
+                    break
+                if head[pos + 6:pos + 8] != b"\x00\x00":
+                    return None
+                length, start = int.from_bytes(head[pos + 8:pos + 12], "little"), pos + 12
+            else:
+                length, start = int.from_bytes(head[pos + 6:pos + 8], "little"), pos + 8
+        else:
+            length, start = int.from_bytes(head[pos + 4:pos + 8], "little"), pos + 8
+        seen += 1
+        if length == _UNDEFINED:  # a sequence: an item (or the end of the sequence) must follow
+            if head[start:start + 4] in (b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0"):
+                seen += 1
+            break
+        if length % 2:
+            return None
+        pos = start + length
+    if seen >= 2:
+        return "explicit" if explicit else "implicit"
+    return None
+
+
+def is_any_dicom(head: bytes) -> bool:
+    """Part 10 (``DICM`` at offset 128) or a bare little endian data set."""
+    return is_dicom(head) or bare_dicom_encoding(head) is not None
+
+
+def read_dataset(fp: Any, *, stop_before_pixels: bool = False) -> tuple[pydicom.Dataset, bool]:
+    """(data set, bare): a Part 10 file, or a bare data set read with ``force=True``. For a bare
+    one the inferred transfer syntax (implicit or explicit VR little endian, from the data set's
+    own encoding) is put in its file meta, so it decodes like any other file.
+    Raises InvalidDicomError and what pydicom raises for a corrupt file."""
+    head = fp.read(DICM_OFFSET + 4)
+    fp.seek(0)
+    bare = not is_dicom(head)
+    ds = pydicom.dcmread(fp, force=bare, stop_before_pixels=stop_before_pixels)
+    if bare:
+        meta = getattr(ds, "file_meta", None)
+        if meta is None:
+            meta = ds.file_meta = pydicom.dataset.FileMetaDataset()
+        if not meta.get("TransferSyntaxUID"):
+            implicit, little = ds.original_encoding
+            if not little:
+                raise InvalidDicomError("a bare data set in big endian is not supported")
+            meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit
+                                      else pydicom.uid.ExplicitVRLittleEndian)
+    return ds, bare
 
 
 def _text(value: Any) -> str | None:
@@ -96,6 +186,34 @@ def header_fields(ds: pydicom.Dataset) -> dict[str, Any]:
     return out
 
 
+#: Free-text fields read only for the gate's anatomy check; never stored, logged or shown.
+ANATOMY_TEXT_FIELDS = ("StudyDescription", "SeriesDescription", "ProtocolName")
+
+
+def anatomy_fields(ds: pydicom.Dataset) -> dict[str, Any]:
+    """What the header says about the body part besides BodyPartExamined, for the gate
+    (``worker.screening.gate.check_anatomy``): the description fields (first 64 characters),
+    and the Anatomic Region Sequence as (code value, code meaning) pairs (PS3.3 C.8.4.6 /
+    C.4.8). Unreadable elements are left out."""
+    out: dict[str, Any] = {}
+    for keyword in ANATOMY_TEXT_FIELDS:
+        try:
+            value = _text(ds.get(keyword))
+        except (ValueError, TypeError, KeyError, AttributeError, UnicodeError):
+            continue
+        if value:
+            out[keyword] = value[:64]
+    try:
+        seq = ds.get("AnatomicRegionSequence") or []
+        codes = [(_text(item.get("CodeValue")) or _text(item.get("LongCodeValue")), _text(item.get("CodeMeaning")))
+                 for item in seq]
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeError):
+        codes = []
+    if codes := [c for c in codes if c[0] or c[1]]:
+        out["AnatomicRegionSequence"] = codes
+    return out
+
+
 def pseudonymise(patient_id: str | None, key: bytes) -> str | None:
     """The patient key: HMAC-SHA256(key, PatientID), hex. None for an empty PatientID.
 
@@ -121,19 +239,19 @@ def read_header(source: Path | bytes, *, key: bytes) -> DicomHeader | None:
     DICOM or its header cannot be parsed (the worker then reports why)."""
     if isinstance(source, Path):
         with source.open("rb") as f:
-            head = f.read(DICM_OFFSET + 4)
-            if not is_dicom(head):
+            head = f.read(SNIFF_BYTES)
+            if not is_any_dicom(head):
                 return None
             f.seek(0)
             return _read(f, key)
-    if not is_dicom(source):
+    if not is_any_dicom(source[:SNIFF_BYTES]):
         return None
     return _read(io.BytesIO(source), key)
 
 
 def _read(fp: Any, key: bytes) -> DicomHeader | None:
     try:
-        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        ds, _bare = read_dataset(fp, stop_before_pixels=True)
         fields = header_fields(ds)
         pid = _text(ds.get("PatientID"))
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:

@@ -23,7 +23,7 @@ DEFAULT_BUNDLE = PROJECT_ROOT / "models" / "cxr-default.safetensors"
 # DICOM's defined terms are CHEST and THORAX; the rest are common local spellings.
 DEFAULT_CHEST_BODY_PARTS = (
     "CHEST", "THORAX", "LUNG", "LUNGS", "CXR", "TORAX", "TORACE", "TORAKS", "BRUST", "BRUSTKORB", "POITRINE",
-    "THORACIC", "PECHO",
+    "THORACIC", "PECHO", "THX", "TORACICO", "THORAKS",
 )
 
 
@@ -113,11 +113,19 @@ class Settings(BaseSettings):
 
     # Quality gate: each rule can be turned off. `unreadable` and `not_an_image` cannot.
     gate_not_radiograph: bool = Field(True, description="Reject DICOM whose Modality is present and not CR, DX or DR.")
-    gate_not_chest: bool = Field(True, description="Reject DICOM whose BodyPartExamined is present and not a chest.")
+    gate_not_chest: bool = Field(True, description="Reject DICOM whose BodyPartExamined is present and not a chest, "
+                                 "or, when it is empty, whose Anatomic Region Sequence, Protocol Name, Series or Study "
+                                 "Description names another body part.")
     gate_lateral_view: bool = Field(True, description="Reject DICOM whose ViewPosition is LL or RL.")
     gate_multi_frame: bool = Field(True, description="Reject multi-frame DICOM (off: screen the first frame).")
     gate_too_small: bool = Field(True, description="Reject images whose short side is under gate_min_size.")
-    gate_min_size: int = Field(256, ge=1, description="Shortest acceptable image side in pixels.")
+    gate_min_size: int | None = Field(
+        None, ge=1, description="Shortest acceptable image side in pixels. Unset: half the model bundle's input "
+        "size, rounded up (112 for a 224 px model).")
+    gate_blank_image: bool = Field(True, description="Reject decoded images with no usable contrast or structure.")
+    gate_polarity: Literal["invert", "reject", "off"] = Field(
+        "invert", description="PNG/JPEG that look like a negative: invert them (and record it), reject them "
+        "(inverted_polarity), or do nothing. DICOM is never inverted by this rule.")
     gate_chest_body_parts: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_CHEST_BODY_PARTS),
         description="BodyPartExamined words that mean chest (comma-separated or a JSON list).",

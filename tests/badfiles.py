@@ -62,6 +62,11 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
         "ct.dcm": (to_bytes(chest_dataset(320, seed=23, Modality="CT")), "not_radiograph"),
         "hand.dcm": (to_bytes(chest_dataset(320, seed=24, BodyPartExamined="HAND")), "not_chest"),
         "cine.dcm": (multi_frame(2, size=320), "multi_frame"),
+        "black.png": (png_bytes(np.zeros((320, 320), np.uint8)), "blank_image"),
+        "zero_dx.dcm": (to_bytes(chest_dataset(320, seed=25, PixelData=np.zeros((320, 320), np.uint16).tobytes())),
+                        "blank_image"),
+        "knee_no_body_part.dcm": (to_bytes(chest_dataset(320, seed=26, BodyPartExamined=None,
+                                                         StudyDescription="XR KNEE 2 VIEWS")), "not_chest"),
     }
 
 

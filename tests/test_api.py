@@ -116,14 +116,41 @@ def test_predict_answers_in_the_seed_shape_with_extras(api):
         again = c.post("/predict", files=files(("copy.png", png(10)), field="file")).json()
         assert again["study_id"] == p["study_id"] and again["duplicate"] == "same_bytes"
         # The quality gate's refusal is a 422 with the code, not a result.
-        small = c.post("/predict", files=files(("tiny.png", png(11, size=100)), field="file"))
+        small = c.post("/predict", files=files(("tiny.png", png(11, size=24)), field="file"))
         assert small.status_code == 422 and small.json()["detail"]["reject_code"] == "too_small", small.text
+
+
+def test_bare_and_pk_preamble_dicom_and_negatives_are_screened_with_notes(api):
+    """A DICOM with no Part 10 header, one whose preamble starts with 'PK' (not a zip), a
+    negative PNG and a blank PNG, through HTTP: each ends as the gate says, notes included."""
+    from tests.dicomgen import chest_dataset, to_bytes
+    from tests.test_dicom_readers import bare
+
+    pk = chest_dataset(256, seed=91)
+    pk.preamble = b"PK\x03\x04" + b"\0" * 124
+    sent = {"bare.dcm": bare(chest_dataset(256, seed=90), implicit=False), "pk.dcm": to_bytes(pk),
+            "negative.png": png_bytes(255 - chest_like(256, seed=92)), "black.png": png_bytes(chest_like(256) * 0)}
+    with api.client() as c:
+        r = c.post("/jobs", files=files(*sent.items()))
+        assert r.status_code == 202, r.text
+        ids = {s["filename"]: s["study_id"] for s in r.json()["studies"]}
+
+        def finished():
+            got = {n: c.get(f"/studies/{i}").json() for n, i in ids.items()}
+            return got if all(s["status"] not in ("queued", "processing") for s in got.values()) else None
+
+        got = wait_until(finished, timeout=60, describe=api.stack.logs)
+    assert got["bare.dcm"]["status"] == "done" and got["bare.dcm"]["notes"][0].startswith("dicom_no_meta:")
+    assert got["pk.dcm"]["status"] == "done" and got["pk.dcm"]["notes"] == []
+    assert got["pk.dcm"]["metadata"]["sop_instance_uid"] == pk.SOPInstanceUID
+    assert got["negative.png"]["status"] == "done" and got["negative.png"]["notes"][0].startswith("polarity_inverted")
+    assert got["black.png"]["status"] == "rejected" and got["black.png"]["reject_code"] == "blank_image"
 
 
 def test_predict_batch_keeps_order_and_the_seed_limit(api, tmp_path):
     dicom = write_dicom(tmp_path / "d.dcm", seed=21).read_bytes()
     with api.client() as c:
-        r = c.post("/predict/batch", files=files(("a.png", png(20)), ("b.dcm", dicom), ("c.png", png(22, size=100))))
+        r = c.post("/predict/batch", files=files(("a.png", png(20)), ("b.dcm", dicom), ("c.png", png(22, size=24))))
         assert r.status_code == 200, r.text
         out = r.json()
         assert [o["filename"] for o in out] == ["a.png", "b.dcm", "c.png"]
@@ -221,7 +248,7 @@ def test_jobs_take_a_zip_and_refuse_unsafe_ones(api):
 def test_worklist_filters_and_pages_in_cli_order(api):
     with api.client() as c:
         c.post("/predict/batch", files=files(*[(f"w{i}.png", png(60 + i)) for i in range(4)],
-                                             ("w-small.png", png(69, size=100))))
+                                             ("w-small.png", png(69, size=24))))
 
         def settled():  # /predict/batch answers with the scores; each study turns done once its heatmap is written
             body = c.get("/worklist", params={"limit": 1000}).json()

@@ -60,8 +60,9 @@ def test_each_rule_can_be_turned_off():
     off3 = GateRules(not_radiograph=False, not_chest=False, lateral_view=False)
     assert check_header(meta, off3).code is Code.multi_frame
     assert check_header(meta, GateRules(False, False, False, False)) is None
-    assert check_image((255, 1024), GateRules()).code is Code.too_small
-    assert check_image((256, 1024), GateRules()) is None
+    # Without a bundle the minimum is derived from a 224 px model: ceil(0.5 * 224) = 112.
+    assert check_image((111, 1024), GateRules()).code is Code.too_small
+    assert check_image((112, 1024), GateRules()) is None
     assert check_image((1, 1), GateRules(too_small=False)) is None
     assert check_image((300, 300), GateRules(min_size=512)).code is Code.too_small
 

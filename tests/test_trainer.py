@@ -300,3 +300,38 @@ def test_download_without_credentials_says_what_to_do(tmp_path):
     env.pop("KAGGLE_KEY", None)
     out = cxr("download", "--dest", str(tmp_path / "raw"), env=env, check=False)
     assert out.returncode == 2 and "KAGGLE_USERNAME" in out.stderr and "kaggle.json" in out.stderr
+
+
+def test_evaluate_runs_the_service_gate_and_reports_what_it_refused(trained, tmp_path):
+    """`cxr evaluate` refuses what the service refuses, counts it by reason (metrics.json,
+    summary.md, console) and screens a negative PNG inverted, as the service does."""
+    from PIL import Image
+
+    cfg, bundle = trained
+    rows = list(csv.DictReader((Path(cfg.out) / "test.csv").open()))
+    extra = {"blank.png": np.zeros((256, 256), np.uint8), "thumb.png": chest_like(24, seed=1),
+             "negative.png": 255 - chest_like(256, seed=2)}
+    for name, arr in extra.items():
+        Image.fromarray(arr).save(tmp_path / name)
+    data = tmp_path / "eval.csv"
+    with data.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        w.writerows({**rows[0], "path": str(tmp_path / n)} for n in extra)
+    r = cxr("evaluate", "--checkpoint", str(bundle), "--data", str(data), "--out", str(tmp_path / "eval"),
+            "--bootstrap", "0", env=clean_env())
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    gate = metrics["data"]["gate"]
+    assert gate == {"min_size": 32, "n_refused": 2, "refused": {"blank_image": 1, "too_small": 1},
+                    "notes": {"polarity_inverted": 1}}
+    assert metrics["data"]["n_scored"] == len(rows) + 1 and metrics["data"]["n_listed"] == len(rows) + 3
+    summary = (tmp_path / "eval" / "summary.md").read_text()
+    assert "2 refused (`blank_image` 1, `too_small` 1); `polarity_inverted` 1" in summary
+    assert "2 of %d films refused (blank_image 1, too_small 1)" % (len(rows) + 3) in r.stdout
+    # The service (cxr predict) refuses exactly those two, for the same reasons.
+    out = cxr("predict", "--format", "json", "--checkpoint", str(bundle), *(str(tmp_path / n) for n in extra),
+              env=clean_env())
+    got = {Path(p["path"]).name: (p["reject_code"], p["notes"]) for p in json.loads(out.stdout)}
+    assert got["blank.png"][0] == "blank_image" and got["thumb.png"][0] == "too_small"
+    assert got["negative.png"][0] is None and got["negative.png"][1].startswith("polarity_inverted")

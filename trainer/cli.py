@@ -64,6 +64,11 @@ def evaluate_cmd(
         source_column = detect_source_column(Path(data))
     m = evaluate(checkpoint, DataConfig(source=data, source_column=source_column), out, bootstrap=bootstrap)
     typer.echo((out / "summary.md").read_text())
+    gate = m["data"]["gate"]
+    refused = ", ".join(f"{c} {n}" for c, n in gate["refused"].items()) or "none"
+    notes = ", ".join(f"{c} {n}" for c, n in gate["notes"].items())
+    typer.echo(f"quality gate (as the service runs it): {gate['n_refused']} of {m['data']['n_listed']} films "
+               f"refused ({refused})" + (f"; changed on the way: {notes}" if notes else ""))
     log.info("accuracy %.4f, macro AUC %.4f, ECE %.4f -> %s", m["accuracy"], m["macro_auc"], m["ece"], out)
 
 

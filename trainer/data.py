@@ -1,5 +1,5 @@
 """Training data: read a CSV or class folders, split by patient/group, decode with the
-worker's own decode + resize, augment, normalise with the worker's own normalize."""
+worker's own decode, quality gate and resize, augment, normalise with the worker's own normalize."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import csv
 import hashlib
 import logging
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from trainer.config import AugmentConfig, DataConfig, TrainConfig
-from worker.screening.decode import ImageDecodeError, decode
+from worker.screening.decode import ImageDecodeError
 from worker.screening.preprocess import normalize, resize
 
 log = logging.getLogger(__name__)
@@ -121,16 +121,42 @@ def fingerprint(samples: list[Sample], classes: list[str]) -> str:
     return h.hexdigest()
 
 
+def service_gate(input_size: int):
+    """The service's screening options (the CXR_* settings' gate rules) for a model of this input
+    size: what the trainer and ``cxr evaluate`` gate with, so they and the service agree."""
+    from cxr.settings import get_settings
+    from worker.service import screen_options
+
+    return screen_options(get_settings()).for_input_size(input_size)
+
+
 def load_images(samples: list[Sample], size: int, *, desc: str) -> tuple[np.ndarray, list[Sample]]:
-    """Decode and resize every sample once, with the worker's own code. Unreadable files are
-    reported and left out, never silently."""
-    arrays, kept = [], []
+    """Decode, gate and resize every sample once, with the worker's own code and the gate the
+    service runs for a model of input ``size`` (so the model is trained on nothing the service
+    would refuse, and a negative PNG/JPEG is inverted as the service inverts it). Unreadable
+    and refused files are reported (each, and a count by reason) and left out, never silently."""
+    from worker.screening.pipeline import gated_pixels
+
+    options = service_gate(size)
+    arrays, kept, refused, notes = [], [], Counter(), Counter()
     for s in tqdm(samples, desc=desc, unit="img", leave=False):
         try:
-            arrays.append(resize(decode(s.path.read_bytes()).pixels, size))
-            kept.append(s)
-        except (ImageDecodeError, OSError) as e:
+            pixels, metadata = gated_pixels(s.path.read_bytes(), options)
+        except ImageDecodeError as e:
+            refused[e.code] += 1
             log.warning("skipping %s: %s", s.path.name, e)
+            continue
+        except OSError as e:
+            refused["unreadable"] += 1
+            log.warning("skipping %s: cannot be read (%s)", s.path.name, e.strerror)
+            continue
+        notes.update(n.split(":", 1)[0] for n in metadata.get("notes") or [])
+        arrays.append(resize(pixels, size))
+        kept.append(s)
+    if refused or notes:
+        log.warning("%s: %d of %d films refused by the quality gate (%s)%s", desc, sum(refused.values()),
+                    len(samples), ", ".join(f"{c} {n}" for c, n in sorted(refused.items())) or "none",
+                    "; " + ", ".join(f"{c} {n}" for c, n in sorted(notes.items())) if notes else "")
     if not kept:
         raise ValueError(f"no readable images for {desc}")
     return np.stack(arrays), kept

@@ -1,14 +1,17 @@
 """Evaluate a bundle on a labelled set: metrics.json, plots, a Grad-CAM grid, summary.md.
 
-Inference goes through the worker's own Screener inputs (decode -> preprocess -> infer),
-so the numbers describe what the service will do.
+Inference goes through the worker's own Screener inputs (decode -> quality gate ->
+preprocess -> infer), with the gate the service runs (the settings' rules, the minimum size
+from this bundle), so the numbers describe what the service will do; films the gate refuses
+are counted by reason in metrics.json, summary.md and on the console.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +26,62 @@ from tqdm import tqdm  # noqa: E402
 
 from cxr import DISCLAIMER  # noqa: E402
 from trainer.config import DataConfig  # noqa: E402
-from trainer.data import Sample, read_samples  # noqa: E402
+from trainer.data import Sample, read_samples, service_gate  # noqa: E402
 from trainer.metrics import classification_metrics  # noqa: E402
 from worker.screening.decode import ImageDecodeError  # noqa: E402
 from worker.screening.explain import gradcam, render_overlay  # noqa: E402
 from worker.screening.infer import calibrated  # noqa: E402
 from worker.screening.model import LoadedModel, load_bundle  # noqa: E402
-from worker.screening.pipeline import model_input  # noqa: E402
+from worker.screening.pipeline import ScreenOptions, gated_pixels, to_model  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
-def raw_logits(loaded: LoadedModel, samples: list[Sample], *, batch: int = 32) -> tuple[np.ndarray, list[Sample]]:
-    """The network's logits (before any calibration) for every readable sample, through the
-    worker's decode and preprocess."""
-    logits, _, kept = raw_outputs(loaded, samples, batch=batch)
+@dataclass
+class GateTally:
+    """What the quality gate did to a data set: films refused (by reject code) and inputs
+    changed on the way (by note code, e.g. ``polarity_inverted``)."""
+
+    refused: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
+
+    def add(self, metadata: dict) -> None:
+        for note in metadata.get("notes") or []:
+            self.notes[note.split(":", 1)[0]] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"n_refused": sum(self.refused.values()), "refused": dict(sorted(self.refused.items())),
+                "notes": dict(sorted(self.notes.items()))}
+
+    def sentence(self) -> str:
+        refused = ", ".join(f"{c} {n}" for c, n in sorted(self.refused.items())) or "none"
+        notes = ", ".join(f"{c} {n}" for c, n in sorted(self.notes.items()))
+        return f"{sum(self.refused.values())} refused by the quality gate ({refused})" + (
+            f"; changed on the way: {notes}" if notes else "")
+
+
+def gated_input(data: bytes, loaded: LoadedModel, options: ScreenOptions) -> tuple[np.ndarray, np.ndarray, dict]:
+    """bytes -> (pixels, model input, metadata) through the service's gate. Raises ImageDecodeError."""
+    pixels, metadata = gated_pixels(data, options)
+    return pixels, to_model(pixels, loaded.meta), metadata
+
+
+def raw_logits(loaded: LoadedModel, samples: list[Sample], *, batch: int = 32,
+               tally: GateTally | None = None) -> tuple[np.ndarray, list[Sample]]:
+    """The network's logits (before any calibration) for every sample the service's quality
+    gate accepts, through the worker's decode, gate and preprocess. Refused films are left
+    out, logged, and counted in ``tally``."""
+    logits, _, kept = raw_outputs(loaded, samples, batch=batch, tally=tally)
     return logits, kept
 
 
-def raw_outputs(loaded: LoadedModel, samples: list[Sample], *, batch: int = 32
+def raw_outputs(loaded: LoadedModel, samples: list[Sample], *, batch: int = 32, tally: GateTally | None = None
                 ) -> tuple[np.ndarray, np.ndarray, list[Sample]]:
-    """(logits (N, K) float64 before calibration, pooled features (N, F) float32, the readable
-    samples) through the worker's decode and preprocess: one pass gives both."""
+    """(logits (N, K) float64 before calibration, pooled features (N, F) float32, the samples
+    the service's quality gate accepts), through the worker's decode, gate and preprocess: one
+    pass gives both. Refused films are left out, logged, and counted in ``tally``."""
+    options = service_gate(loaded.meta.input_size)
+    tally = tally if tally is not None else GateTally()
     out, pooled, kept, xs = [], [], [], []
 
     def run() -> None:
@@ -56,18 +93,26 @@ def raw_outputs(loaded: LoadedModel, samples: list[Sample], *, batch: int = 32
 
     for s in tqdm(samples, desc="scoring", unit="img", leave=False):
         try:
-            _, x, _ = model_input(s.path.read_bytes(), loaded.meta, max_pixels=80_000_000)
-        except (ImageDecodeError, OSError) as e:
+            _, x, metadata = gated_input(s.path.read_bytes(), loaded, options)
+        except ImageDecodeError as e:
+            tally.refused[e.code] += 1
             log.warning("skipping %s: %s", s.path.name, e)
             continue
+        except OSError as e:
+            tally.refused["unreadable"] += 1
+            log.warning("skipping %s: cannot be read (%s)", s.path.name, e.strerror)
+            continue
+        tally.add(metadata)
         xs.append(x)
         kept.append(s)
         if len(xs) == batch:
             run()
     if xs:
         run()
+    if tally.refused or tally.notes:
+        log.warning("%d films: %s", len(samples), tally.sentence())
     if not kept:
-        raise ValueError("no readable labelled image in the data")
+        raise ValueError(f"no labelled image in the data passes the quality gate: {tally.sentence()}")
     return np.concatenate(out).astype(np.float64), np.concatenate(pooled), kept
 
 
@@ -117,10 +162,11 @@ def reliability_report(loaded: LoadedModel, y: np.ndarray, probs: np.ndarray, po
     return report
 
 
-def score(loaded: LoadedModel, samples: list[Sample], *, batch: int = 32) -> tuple[np.ndarray, list[Sample]]:
-    """Probabilities for every readable sample, with the worker's decode, preprocess and
-    calibration (softmax(logits / T + offsets), as Screener computes them)."""
-    logits, kept = raw_logits(loaded, samples, batch=batch)
+def score(loaded: LoadedModel, samples: list[Sample], *, batch: int = 32,
+          tally: GateTally | None = None) -> tuple[np.ndarray, list[Sample]]:
+    """Probabilities for every sample the gate accepts, with the worker's decode, gate,
+    preprocess and calibration (softmax(logits / T + offsets), as Screener computes them)."""
+    logits, kept = raw_logits(loaded, samples, batch=batch, tally=tally)
     return calibrated(torch.from_numpy(logits), temperature=loaded.meta.temperature, bias=loaded.meta.bias), kept
 
 
@@ -129,7 +175,8 @@ def evaluate(checkpoint: Path, data: DataConfig, out: Path, *, bootstrap: int = 
     loaded = load_bundle(checkpoint)
     classes = loaded.meta.classes
     samples = read_samples(data, classes)
-    logits, pooled, kept = raw_outputs(loaded, samples)
+    tally = GateTally()
+    logits, pooled, kept = raw_outputs(loaded, samples, tally=tally)
     probs = calibrated(torch.from_numpy(logits), temperature=loaded.meta.temperature, bias=loaded.meta.bias)
     y = np.array([s.label for s in kept])
     metrics = classification_metrics(y, probs, classes, thresholds=loaded.meta.thresholds or None,
@@ -137,7 +184,9 @@ def evaluate(checkpoint: Path, data: DataConfig, out: Path, *, bootstrap: int = 
     metrics["checkpoint"] = {"path": str(checkpoint), "sha256": loaded.sha256, "version": loaded.meta.version,
                              "architecture": loaded.meta.architecture, "temperature": loaded.meta.temperature,
                              "logit_bias": loaded.meta.bias}
-    metrics["data"] = {"source": data.source, "n_listed": len(samples), "n_scored": len(kept)}
+    metrics["data"] = {"source": data.source, "n_listed": len(samples), "n_scored": len(kept),
+                       "gate": {"min_size": service_gate(loaded.meta.input_size).gate.effective_min_size,
+                                **tally.as_dict()}}
     by_source: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(kept):
         by_source[s.source].append(i)
@@ -272,6 +321,7 @@ def plot_calibration(y, probs, path: Path, ece_value: float, bins: int = 10) -> 
 def gradcam_grid(loaded: LoadedModel, samples, y, probs, path: Path, *, per_class: int) -> None:
     """For each class: the most confident correct cases and the most confident wrong ones."""
     classes = loaded.meta.classes
+    options = service_gate(loaded.meta.input_size)
     pred = probs.argmax(axis=1)
     rows = []
     for c, name in enumerate(classes):
@@ -288,7 +338,7 @@ def gradcam_grid(loaded: LoadedModel, samples, y, probs, path: Path, *, per_clas
             if j >= len(group):
                 continue
             i = group[j]
-            pixels, x, _ = model_input(samples[i].path.read_bytes(), loaded.meta, max_pixels=80_000_000)
+            pixels, x, _ = gated_input(samples[i].path.read_bytes(), loaded, options)
             cam = gradcam(loaded.model, x, target_class=int(pred[i]))
             ax.imshow(np.asarray(render_overlay(pixels, cam)))
             ok = "correct" if group is right else "WRONG"
@@ -305,13 +355,20 @@ def fmt_ci(ci: list[float] | None) -> str:
 
 
 def summary_markdown(m: dict[str, Any], classes: list[str]) -> str:
+    gate = m["data"].get("gate") or {}
     lines = [
         "# Evaluation summary", "",
         f"> {DISCLAIMER}", "",
         f"- checkpoint: `{m['checkpoint']['path']}` (sha256 `{m['checkpoint']['sha256'][:12]}`, "
         f"{m['checkpoint']['architecture']}, temperature {m['checkpoint']['temperature']:.3f}, "
         f"logit offsets {', '.join(f'{b:+.3f}' for b in m['checkpoint'].get('logit_bias') or [])})",
-        f"- data: `{m['data']['source']}`, {m['data']['n_scored']} images scored of {m['data']['n_listed']}", "",
+        f"- data: `{m['data']['source']}`, {m['data']['n_scored']} images scored of {m['data']['n_listed']}",
+        f"- quality gate (as the service runs it; shortest side {gate.get('min_size')} px): "
+        f"{gate.get('n_refused', 0)} refused"
+        + (" (" + ", ".join(f"`{c}` {n}" for c, n in gate.get("refused", {}).items()) + ")"
+           if gate.get("refused") else "")
+        + ("; " + ", ".join(f"`{c}` {n}" for c, n in gate.get("notes", {}).items()) if gate.get("notes") else ""),
+        "",
         "| metric | value |", "|---|---|",
         f"| accuracy | {m['accuracy']:.3f} |",
         f"| macro AUC (95% CI) | {m['macro_auc']:.3f}{fmt_ci(m.get('macro_auc_ci95'))} |",

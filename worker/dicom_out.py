@@ -31,7 +31,6 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-import pydicom
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
@@ -247,7 +246,10 @@ def write_outputs(outbox: Path, *, name: str, source_path: Path, findings: Findi
 
     Raises DicomOutputError, OSError or pydicom's errors when the source or the outbox is
     unusable; the caller decides what that means for the study."""
-    source = pydicom.dcmread(source_path, stop_before_pixels=True)
+    from cxr.dicom import read_dataset  # Part 10, or a bare data set (no file meta)
+
+    with source_path.open("rb") as f:
+        source, _bare = read_dataset(f, stop_before_pixels=True)
     outbox.mkdir(parents=True, exist_ok=True)
     written = [_write_atomic(build_sr(source, findings), outbox / f"{name}.SR.dcm")]
     if overlay_path is not None:

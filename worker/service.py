@@ -46,6 +46,8 @@ def screen_options(settings: Settings):
             too_small=settings.gate_too_small,
             min_size=settings.gate_min_size,
             chest_body_parts=frozenset(settings.gate_chest_body_parts),
+            blank_image=settings.gate_blank_image,
+            polarity=settings.gate_polarity,
         ),
         voi=VoiOptions(use_window=settings.voi_use_window,
                        fallback_percentiles=tuple(settings.voi_fallback_percentiles)),
@@ -169,6 +171,7 @@ def process_study(settings: Settings, study_id: uuid.UUID, *, scores_first: bool
                               on_scored=publish_scores if scores_first and settings.heatmaps != "none" else None)
     with session_scope(settings.database_url) as session:
         repo.update_study_metadata(session, study_id=study_id, metadata=outcome.metadata)
+        repo.record_notes(session, study_id=study_id, notes=outcome.notes)
         if outcome.status == "done":
             repo.record_result(
                 session,

@@ -49,6 +49,29 @@ def record_event(session: Session, *, study_id: uuid.UUID, status: str, actor: s
     return event
 
 
+#: The audit-trail status of a note: something done to a study's input on its way to the model
+#: (``"<code>: <sentence>"``, e.g. a negative PNG inverted, a DICOM read without its file meta).
+NOTE_STATUS = "note"
+
+
+def record_notes(session: Session, *, study_id: uuid.UUID, notes: list[str], actor: str | None = None) -> None:
+    """Append each note to the study's audit trail (status ``note``), unless the same note is there."""
+    if not notes:
+        return
+    have = set(session.scalars(select(StudyEvent.detail).where(StudyEvent.study_id == study_id,
+                                                               StudyEvent.status == NOTE_STATUS)))
+    for note in notes:
+        if note not in have:
+            record_event(session, study_id=study_id, status=NOTE_STATUS, actor=actor or actor_name("worker"),
+                         detail=note)
+
+
+def study_notes(session: Session, *, study_id: uuid.UUID) -> list[str]:
+    """The notes of a study's audit trail, oldest first (see :data:`NOTE_STATUS`)."""
+    return [d for d in session.scalars(select(StudyEvent.detail).where(
+        StudyEvent.study_id == study_id, StudyEvent.status == NOTE_STATUS).order_by(StudyEvent.id)) if d]
+
+
 def study_events(session: Session, *, study_id: uuid.UUID) -> list[StudyEvent]:
     """A study's status changes, oldest first."""
     return list(session.scalars(select(StudyEvent).where(StudyEvent.study_id == study_id)

@@ -26,11 +26,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cxr.dicom import header_fields, is_dicom  # also sets pydicom's lenient, value-free reading
+from cxr.dicom import anatomy_fields, header_fields, read_dataset  # also sets pydicom's lenient reading
+from cxr.formats import SNIFF_BYTES
+from cxr.formats import sniff as _sniff
 from worker.screening.gate import Code
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 class ImageDecodeError(ValueError):
@@ -71,14 +70,9 @@ class Decoded:
 
 
 def sniff(data: bytes) -> str | None:
-    """The file type from its first bytes: 'png', 'jpeg', 'dicom' or None."""
-    if data.startswith(PNG_MAGIC):
-        return "png"
-    if data.startswith(JPEG_MAGIC):
-        return "jpeg"
-    if is_dicom(data):
-        return "dicom"
-    return None
+    """The file type from its first bytes: 'png', 'jpeg', 'dicom' (Part 10 or a bare data set)
+    or None. The one sniffer, :func:`cxr.formats.sniff`, shared with the API and intake."""
+    return _sniff(data[:SNIFF_BYTES])
 
 
 def open_image(data: bytes, *, max_pixels: int = 80_000_000) -> Opened:
@@ -94,7 +88,7 @@ def open_image(data: bytes, *, max_pixels: int = 80_000_000) -> Opened:
         raise ImageDecodeError(
             Code.not_an_image,
             "not a PNG, JPEG or DICOM file (the content was checked; the file name is not trusted); "
-            "send the radiograph itself as PNG, JPEG or DICOM Part 10",
+            "send the radiograph itself as PNG, JPEG or DICOM",
         )
     opened.metadata["image_format"] = kind
     return opened
@@ -125,15 +119,25 @@ def to_unit_range(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def robust_range(arr: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> tuple[float, float]:
+def robust_range(arr: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5,
+                 exclude: np.ndarray | None = None) -> tuple[float, float]:
     """The [low_pct, high_pct] percentile range; the full range if that is empty.
 
-    Percentiles of a large image are taken on a regular subsample (every 4th pixel each way
-    above 1 Mpx): the same values to within a grey level, at a fraction of the cost."""
-    sample = arr[::4, ::4] if arr.ndim == 2 and arr.size > 1_000_000 else arr
+    ``exclude``: a boolean mask of ``arr``'s shape of pixels left out (pixel padding); when it
+    leaves nothing, nothing is left out. Percentiles of a large image are taken on a regular
+    subsample (every 4th pixel each way above 1 Mpx): the same values to within a grey level,
+    at a fraction of the cost."""
+    step = 4 if arr.ndim == 2 and arr.size > 1_000_000 else 1
+    sample = arr[::step, ::step] if arr.ndim == 2 else arr
+    full = arr
+    if exclude is not None and not exclude.all():
+        full = arr[~exclude]
+        sample = sample[~(exclude[::step, ::step] if arr.ndim == 2 else exclude)]
+        if sample.size == 0:
+            sample = full
     lo, hi = np.percentile(sample, [low_pct, high_pct])
     if not hi > lo:
-        lo, hi = float(arr.min()), float(arr.max())
+        lo, hi = float(full.min()), float(full.max())
     return float(lo), float(hi)
 
 
@@ -269,13 +273,12 @@ def _sop_class_name(ds: Any) -> str:
 
 
 def _open_dicom(data: bytes, *, max_pixels: int) -> Opened:
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns on oddities; what matters is checked below
-            ds = pydicom.dcmread(io.BytesIO(data))
+            ds, bare = read_dataset(io.BytesIO(data))
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ImageDecodeError(
             Code.unreadable, f"cannot parse the DICOM file ({type(e).__name__}: {_cause(e)}); it is truncated or "
@@ -318,7 +321,11 @@ def _open_dicom(data: bytes, *, max_pixels: int) -> Opened:
     meta.update(
         width=cols, height=rows, frames=frames,
         photometric=str(ds.get("PhotometricInterpretation", "") or "").upper(),
+        anatomy=anatomy_fields(ds),
     )
+    if bare:
+        meta["notes"] = [f"dicom_no_meta: no DICOM Part 10 header (no preamble, 'DICM' or file meta); read as a "
+                         f"bare data set in {_syntax_name(ds.file_meta.TransferSyntaxUID)}"]
     return Opened(format="dicom", metadata=meta, handle=ds)
 
 
@@ -370,20 +377,75 @@ def _dicom_pixels(ds: Any, *, voi: VoiOptions, frame: int) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[-1] not in (3, 4) and frames == 1:
         arr = arr[0]  # a single frame wrapped as a stack
 
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        arr = mask_to_bits_stored(arr, ds)
     if photometric == "PALETTE COLOR":
         return _unit_from_any(luminance(apply_color_lut(arr, ds)))
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         # RGB / YBR (pydicom converts YBR to RGB): secondary captures and photos.
         return _unit_from_any(luminance(arr) if arr.ndim == 3 else arr)
 
+    padding = padding_mask(arr, ds)
     values = apply_modality_lut(arr, ds).astype(np.float32, copy=False)
-    pixels = apply_voi(values, ds, voi)
+    pixels = apply_voi(values, ds, voi, exclude=padding)
     # MONOCHROME1 means "minimum is white". DX objects must then also say
     # PresentationLUTShape INVERSE: both describe the same single inversion.
     shape = str(ds.get("PresentationLUTShape", "") or "").upper()
     if photometric == "MONOCHROME1" or shape == "INVERSE":
         pixels = np.subtract(np.float32(1.0), pixels, out=pixels)
+    if padding is not None:
+        pixels[padding] = 0.0  # padding is not part of the image: shown as black background
     return pixels
+
+
+def mask_to_bits_stored(arr: np.ndarray, ds: Any) -> np.ndarray:
+    """Stored values with the bits above Bits Stored cleared (unsigned) or sign-extended from
+    bit BitsStored-1 (Pixel Representation 1), as DICOM PS3.5 8.1.1 requires of a decoder.
+
+    Native and RLE data come out of pydicom masked already; JPEG-LS and JPEG 2000 codestreams
+    may carry unused high bits (overlays, burned-in graphics, garbage), which would otherwise
+    reach the window. Shape and dtype are kept; non-integer arrays are returned as they are."""
+    bits = ds.get("BitsStored")
+    if arr.dtype.kind not in "iu" or not isinstance(bits, int) or not 0 < bits < arr.dtype.itemsize * 8:
+        return arr
+    mask = (1 << bits) - 1
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        sign = 1 << (bits - 1)
+        wide = (arr.astype(np.int64) & mask) ^ sign
+        return (wide - sign).astype(arr.dtype)
+    if not (arr > mask).any():
+        return arr
+    return np.bitwise_and(arr, np.asarray(mask, dtype=arr.dtype))
+
+
+def _int_value(v: Any) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, (bytes, bytearray)):  # an ambiguous US/SS value left undecoded
+        return int.from_bytes(bytes(v[:2]), "little", signed=False) if len(v) >= 2 else None
+    try:
+        return int(first_value(v))
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def padding_mask(arr: np.ndarray, ds: Any) -> np.ndarray | None:
+    """Pixels that are padding, not image: stored values equal to Pixel Padding Value
+    (0028,0120), or between it and Pixel Padding Range Limit (0028,0121) inclusive (DICOM
+    PS3.3 C.7.5.1.1.2). None when the header declares no padding or no pixel is padding.
+    Shape: ``arr``'s (H, W) -> bool (H, W)."""
+    value = _int_value(ds.get("PixelPaddingValue"))
+    if value is None or arr.ndim != 2:
+        return None
+    limit = _int_value(ds.get("PixelPaddingRangeLimit"))
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:  # a signed value read as unsigned bytes
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+        value = value - (1 << bits) if value >= 1 << (bits - 1) else value
+        if limit is not None:
+            limit = limit - (1 << bits) if limit >= 1 << (bits - 1) else limit
+    lo, hi = (value, value) if limit is None else (min(value, limit), max(value, limit))
+    mask = (arr >= lo) & (arr <= hi)
+    return mask if mask.any() else None
 
 
 def _cause(e: BaseException) -> str:
@@ -423,21 +485,25 @@ def window(values: np.ndarray, center: float, width: float, function: str = "LIN
     return to_unit_range(values, center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2)
 
 
-def apply_voi(values: np.ndarray, ds: Any, voi: VoiOptions = VoiOptions()) -> np.ndarray:
+def apply_voi(values: np.ndarray, ds: Any, voi: VoiOptions = VoiOptions(),
+              exclude: np.ndarray | None = None) -> np.ndarray:
     """VOI transform of Modality-LUT output to [0, 1]: the first window, else the first VOI
     LUT, else (or when that is nonsensical) the robust percentile range.
 
     A window is nonsensical when its width is not positive, or when it leaves more than
     ``voi.max_clipped_fraction`` of the pixels clipped (stored values far outside it, as some
-    16-bit DX writers do).
+    16-bit DX writers do). ``exclude`` (bool, ``values``' shape): pixel padding, left out of
+    the clipped fraction and of the percentile range.
     """
     if voi.use_window:
         out = _header_voi(values, ds)
         if out is not None:
-            clipped = float(np.mean((out <= 0.0) | (out >= 1.0)))
-            if clipped <= voi.max_clipped_fraction:
+            clipped_px = (out <= 0.0) | (out >= 1.0)
+            if exclude is not None and not exclude.all():
+                clipped_px = clipped_px[~exclude]
+            if float(np.mean(clipped_px)) <= voi.max_clipped_fraction:
                 return out
-    return to_unit_range(values, *robust_range(values, *voi.fallback_percentiles))
+    return to_unit_range(values, *robust_range(values, *voi.fallback_percentiles, exclude=exclude))
 
 
 def _header_voi(values: np.ndarray, ds: Any) -> np.ndarray | None:

@@ -6,6 +6,7 @@ Shared by ``cxr predict`` and the Celery worker, so both decode, gate and score 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -22,7 +23,20 @@ from cxr.bundle import BundleMeta
 from worker.screening.budget import DecodeBudget, TooLargeForBudget, decoded_bytes
 from worker.screening.decode import ImageDecodeError, VoiOptions, decode, decode_pixels, open_image
 from worker.screening.explain import gradcam, gradcam_from_features, save_heatmap
-from worker.screening.gate import Code, GateRules, Rejection, check_header, check_image, status_for
+from worker.screening.content import polarity_score, thumbnail
+from worker.screening.gate import (
+    POLARITY_THRESHOLD,
+    Code,
+    ContentCheck,
+    GateRules,
+    Rejection,
+    check_content,
+    check_header,
+    check_image,
+    inverted_polarity,
+    min_size_for,
+    status_for,
+)
 from worker.screening.infer import calibrated
 from worker.screening.model import LoadedModel
 from worker.screening.preprocess import preprocess
@@ -48,6 +62,12 @@ class Outcome:
     error: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+
+    @property
+    def notes(self) -> list[str]:
+        """What was done to the input on its way to the model ("<code>: <sentence>"): a negative
+        PNG/JPEG inverted, a DICOM read without its Part 10 header."""
+        return list(self.metadata.get("notes") or [])
 
 
 def risk_and_flag(probs: dict[str, float], meta: BundleMeta) -> tuple[float, bool]:
@@ -77,6 +97,17 @@ class ScreenOptions:
     batch_eager: bool = True  # run a batch once nobody else is decoding (else wait max_wait_ms to fill it)
     decode_budget_bytes: int | None = None  # decoded bytes this process holds at once (see budget.py); None: unbounded
 
+    #: Further checks of the decoded picture (gate.ContentCheck), run after the blank and polarity
+    #: checks: the place where a learned out-of-distribution score plugs in.
+    content_checks: tuple[ContentCheck, ...] = ()
+
+    def for_input_size(self, input_size: int) -> "ScreenOptions":
+        """These options with the gate's minimum size derived from a model's input size, unless
+        it was set (CXR_GATE_MIN_SIZE)."""
+        if self.gate.min_size is not None:
+            return self
+        return dataclasses.replace(self, gate=dataclasses.replace(self.gate, min_size=min_size_for(input_size)))
+
 
 def ood_rejection(score: float | None, meta: BundleMeta) -> Rejection | None:
     """``not_chest`` when the film's out-of-distribution score is above the bundle's threshold."""
@@ -100,8 +131,12 @@ class Rejected(ImageDecodeError):
 def gated_pixels(data: bytes, options: ScreenOptions = ScreenOptions()) -> tuple[np.ndarray, dict]:
     """bytes -> (decoded (H, W) pixels in [0, 1], metadata), through the quality gate.
 
-    The header rules run before any pixel is decoded. Raises ImageDecodeError: the file
-    cannot be read, or (as its subclass Rejected) it is read but not to be screened."""
+    The header rules run before any pixel is decoded; then the size, the blank check, for
+    PNG and JPEG only the polarity (a negative is inverted and a note says so in
+    ``metadata["notes"]`` with CXR_GATE_POLARITY=invert, or refused with ``reject``; a
+    DICOM's Photometric Interpretation is authoritative, never inverted here), and last
+    ``options.content_checks`` on the picture as the model will see it. Raises ImageDecodeError: the file cannot be read, or (as its subclass
+    Rejected) it is read but not to be screened."""
     opened = open_image(data, max_pixels=options.max_pixels)
     if (rejection := check_header(opened.metadata, options.gate)) is not None:
         raise Rejected(rejection, opened.metadata)
@@ -109,13 +144,30 @@ def gated_pixels(data: bytes, options: ScreenOptions = ScreenOptions()) -> tuple
     metadata = {**opened.metadata, "height": int(pixels.shape[0]), "width": int(pixels.shape[1])}
     if (rejection := check_image(pixels.shape, options.gate)) is not None:
         raise Rejected(rejection, metadata)
+    thumb = thumbnail(pixels)  # shared by the blank and polarity checks
+    if (rejection := check_content(pixels, options.gate, thumb=thumb)) is not None:  # blank_image
+        raise Rejected(rejection, metadata)
+    if opened.format in ("png", "jpeg") and options.gate.polarity != "off":
+        score = polarity_score(pixels, thumb)
+        if score < -POLARITY_THRESHOLD:
+            if options.gate.polarity == "reject":
+                raise Rejected(inverted_polarity(score), metadata)
+            pixels = np.subtract(np.float32(1.0), pixels, dtype=np.float32)
+            metadata["notes"] = [*metadata.get("notes", []), (
+                f"polarity_inverted: the {opened.format.upper()} looked like a negative (polarity score "
+                f"{score:.1f}) and was inverted before screening; export it with its photometric "
+                "interpretation applied")]
+    for check in options.content_checks:  # they see the picture as the model will
+        if (rejection := check(pixels)) is not None:
+            raise Rejected(rejection, metadata)
     return pixels, metadata
 
 
 def model_input(data: bytes, meta: BundleMeta, *, max_pixels: int = 80_000_000, voi: VoiOptions = VoiOptions()
                 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """bytes -> (decoded pixels, model input (C, H, W), metadata), with no quality gate (the
-    trainer's evaluation reads its data set through this). Raises ImageDecodeError."""
+    trainer and ``cxr evaluate`` go through :func:`gated_pixels` instead, as the service does).
+    Raises ImageDecodeError."""
     decoded = decode(data, max_pixels=max_pixels, voi=voi)
     return decoded.pixels, to_model(decoded.pixels, meta), decoded.metadata
 
@@ -152,7 +204,7 @@ class Screener:
     def __init__(self, loaded: LoadedModel, options: ScreenOptions = ScreenOptions()) -> None:
         self.loaded = loaded
         self.meta = loaded.meta
-        self.options = options
+        self.options = options = options.for_input_size(loaded.meta.input_size)
         self.onnx = None
         # Grad-CAM runs one batch at a time: concurrent backward passes through the shared model
         # from several worker threads crashed the process here (SIGSEGV). It is cheap (head only),
