@@ -157,10 +157,10 @@ _monitors_lock = threading.Lock()
 
 
 def monitor_for(settings: Settings) -> HealthMonitor:
-    """The process's monitor for these settings, started on first use."""
+    """The process's monitor for these settings, started when first asked for."""
     with _monitors_lock:
         monitor = _monitors.get(id(settings))
         if monitor is None:
             monitor = _monitors[id(settings)] = HealthMonitor(settings)
-        monitor.start()
+            monitor.start()
         return monitor
