@@ -308,6 +308,7 @@ def predict_explain(
     pred = _one([file], settings, celery, session, heatmap=True)
     study = repo.get_study(session, study_id=pred["study_id"])
     bare, overlay = _heatmap_files(repo.latest_result(study).heatmap_path)
+    session.close()  # the connection goes back before the images are read and encoded
     sid = pred["study_id"]
     return {**pred, "heatmap": _b64(bare), "heatmap_url": f"/studies/{sid}/heatmap",
             "overlay": _b64(overlay), "overlay_url": f"/studies/{sid}/overlay"}
@@ -357,9 +358,11 @@ def _image(session: Session, study_id: uuid.UUID, *, which: str) -> Response:
         raise HTTPException(404, f"no study {study_id}")
     result = repo.latest_result(study)
     bare, overlay = _heatmap_files(result.heatmap_path if result else None)
+    status = study.status
+    session.close()  # the connection goes back before the image is read and encoded
     path = overlay if which == "overlay" else (bare or overlay)
     if path is None or not path.is_file():
-        raise HTTPException(404, f"study {study_id} has no {which} (status {study.status})")
+        raise HTTPException(404, f"study {study_id} has no {which} (status {status})")
     return Response(_png_bytes(path), media_type="image/png")
 
 
