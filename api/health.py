@@ -10,8 +10,10 @@ without a pool, a Celery app of their own), never the pools requests use.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, make_url, text
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_SECONDS = 2  # database connect / statement, broker connect
 PING_TIMEOUT_SECONDS = 1.0  # how long workers have to answer the Celery ping
+STALE_CONTROL_SECONDS = 60.0  # filesystem broker: a control message nobody took in this long is for a dead worker
 
 
 def _probe_engine(database_url: str):
@@ -137,6 +140,8 @@ class HealthMonitor:
                     state["workers"] = None
                     state["workers_error"] = type(e).__name__
                 self._publish(state)
+                if self.settings.uses_filesystem_broker:
+                    prune_dead_pidbox_messages(self.settings.broker_dir / "queue")
         finally:
             conn.release()
 
@@ -150,6 +155,34 @@ class HealthMonitor:
                 log.warning("health: the %s is down (%s)", part, now)
             elif now != was and was is not None:
                 log.info("health: the %s is back", part)
+
+
+def prune_dead_pidbox_messages(queue_dir: Path, *, older_than: float = STALE_CONTROL_SECONDS) -> int:
+    """Filesystem broker: delete remote-control messages (``<ms>_<uuid>.<worker>.celery.pidbox.msg``)
+    older than ``older_than`` seconds; returns how many.
+
+    The ping is broadcast to every worker that ever bound its control queue; a worker that
+    was killed never unbinds it, so each ping leaves a file there that nobody will read. A
+    live worker takes its control messages within a poll interval (and a ping expires after
+    PING_TIMEOUT_SECONDS anyway), so a file this old is addressed to a dead worker."""
+    cutoff = time.time() - older_than
+    removed = 0
+    try:
+        entries = list(os.scandir(queue_dir))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if not entry.name.endswith(".celery.pidbox.msg"):
+            continue
+        try:
+            if entry.stat().st_mtime < cutoff:
+                os.remove(entry.path)
+                removed += 1
+        except FileNotFoundError:  # taken meanwhile
+            continue
+    if removed:
+        log.debug("health: removed %d control message(s) addressed to workers that are gone", removed)
+    return removed
 
 
 _monitors: dict[int, HealthMonitor] = {}

@@ -156,7 +156,13 @@ async def burst(base: str, path: str, n: int, headers: dict[str, str] | None = N
         return await asyncio.gather(*tasks)
 
 
-def burst_row(name: str, results: list[tuple[object, float, bool]]) -> str:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def burst_row(name: str, results: list[tuple[object, float, bool]], cpu: float) -> str:
     counts: dict[str, int] = {}
     for code, _, _ in results:
         counts[str(code)] = counts.get(str(code), 0) + 1
@@ -164,7 +170,8 @@ def burst_row(name: str, results: list[tuple[object, float, bool]]) -> str:
                  if not isinstance(code, int) or (code >= 500 and not (code == 503 and retry)))
     secs = [t for _, t, _ in results]
     return (f"| {name} | {len(results)} | {', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))} | {errors} | "
-            f"{statistics.median(secs) * 1e3:.0f} / {pct(secs, 0.95) * 1e3:.0f} / {max(secs) * 1e3:.0f} ms |")
+            f"{statistics.median(secs) * 1e3:.0f} / {pct(secs, 0.95) * 1e3:.0f} / {max(secs) * 1e3:.0f} ms | "
+            f"{cpu:.2f} s ({cpu / len(results) * 1e3:.1f} ms each) |")
 
 
 def run_burst(args, env: dict[str, str], tmp: Path) -> int:
@@ -187,10 +194,14 @@ def run_burst(args, env: dict[str, str], tmp: Path) -> int:
                    timeout=600, describe=stack.logs)
         wait_until(lambda: httpx.get(f"{base}/health", timeout=10).json().get("workers") == 1, timeout=120,
                    describe=stack.logs)
-        rows.append(burst_row("GET /health x40 (no key), 1st", asyncio.run(burst(base, "/health", 40))))
-        rows.append(burst_row("GET /health x40 (no key), 2nd", asyncio.run(burst(base, "/health", 40))))
-        rows.append(burst_row(f"GET /worklist x200 (key; {args.studies} studies, default limit)",
-                              asyncio.run(burst(base, "/worklist", 200, headers=key))))
+        api_pid = stack.procs["api"].pid
+        for name, path, n, headers in (("GET /health x40 (no key), 1st", "/health", 40, None),
+                                       ("GET /health x40 (no key), 2nd", "/health", 40, None),
+                                       (f"GET /worklist x200 (key; {args.studies} studies, default limit)",
+                                        "/worklist", 200, key)):
+            cpu0 = cpu_seconds(api_pid)
+            results = asyncio.run(burst(base, path, n, headers=headers))
+            rows.append(burst_row(name, results, cpu_seconds(api_pid) - cpu0))
         for path, headers in (("/health", {}), ("/worklist", key)):
             try:
                 after[path] = str(httpx.get(f"{base}{path}", headers=headers, timeout=10).status_code)
@@ -198,13 +209,13 @@ def run_burst(args, env: dict[str, str], tmp: Path) -> int:
                 after[path] = type(e).__name__
     finally:
         codes = stack.stop()
-    print("| phase | requests | status counts | errors | p50 / p95 / max |")
-    print("|---|---|---|---|---|")
+    print("| phase | requests | status counts | errors | p50 / p95 / max | API process CPU |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
         print(row)
     print(f"| afterwards: GET /health, GET /worklist (10 s timeout) | | {after.get('/health')}, "
-          f"{after.get('/worklist')} | | |")
-    print(f"| exit codes after SIGTERM | | {codes} | | |")
+          f"{after.get('/worklist')} | | | |")
+    print(f"| exit codes after SIGTERM | | {codes} | | | |")
     return 0
 
 

@@ -322,3 +322,31 @@ def test_health_says_what_is_down_and_still_answers_bursts(tmp_path, tiny_bundle
     finally:
         codes = stack.stop(timeout=30)
     assert codes["api"] in (0, -15), stack.logs()
+
+
+def test_pings_to_killed_workers_do_not_pile_up_in_the_filesystem_broker(tmp_path):
+    """The background ping is broadcast to every worker that ever bound a control queue;
+    on the filesystem broker a killed worker's queue would collect one file per ping for
+    ever. Control messages older than a minute are removed; nothing else is touched."""
+    import os
+    import time
+
+    from api.health import STALE_CONTROL_SECONDS, prune_dead_pidbox_messages
+
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    old = time.time() - STALE_CONTROL_SECONDS - 5
+    names = {
+        "dead": [f"{1000 + i}_{uuid.uuid4()}.cxr-123@host.celery.pidbox.msg" for i in range(5)],
+        "fresh": [f"{2000 + i}_{uuid.uuid4()}.cxr-456@host.celery.pidbox.msg" for i in range(2)],
+        "old task": [f"{3000 + i}_{uuid.uuid4()}.cxr.msg" for i in range(3)],  # screening tasks wait as long as needed
+        "partial": [f"{4000}_{uuid.uuid4()}.cxr-123@host.celery.pidbox.msg.tmp"],
+    }
+    for kind, files in names.items():
+        for name in files:
+            (queue / name).write_bytes(b"{}")
+            if kind != "fresh":
+                os.utime(queue / name, (old, old))
+    assert prune_dead_pidbox_messages(queue) == 5
+    assert sorted(p.name for p in queue.iterdir()) == sorted(names["fresh"] + names["old task"] + names["partial"])
+    assert prune_dead_pidbox_messages(tmp_path / "absent") == 0
