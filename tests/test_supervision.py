@@ -159,3 +159,34 @@ def test_cxr_up_kills_a_child_that_ignores_sigterm_after_its_grace(tmp_path, tin
         assert all(not Path(f"/proc/{pid}").exists() for pid in kids.values())
     finally:
         stack.stop()
+
+
+@pytest.mark.timeout(300)
+def test_cxr_up_gives_up_on_a_child_that_cannot_start(tmp_path, tiny_bundle):
+    """The API's port is taken by another program: the API exits at once each time it is
+    started. `cxr up` retries with growing delays, then stops everything and exits 1 with a
+    line that says why, instead of restarting it for ever."""
+    import socket
+
+    env = up_env(tmp_path, tiny_bundle, CXR_STOP_GRACE_SECONDS="20")
+    (tmp_path / "logs").mkdir()
+    stack = Stack(log_dir=tmp_path / "logs", env=env)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        up = stack.start("up", "up", "--port", str(port))
+        try:
+            others = wait_until(lambda: (k := children(up.pid)).keys() >= {"worker", "watcher"} and k, timeout=120,
+                                interval=0.1, describe=stack.logs)
+            assert up.wait(timeout=240) == 1, stack.logs()
+            del stack.procs["up"]
+        finally:
+            stack.stop()
+    assert all(not Path(f"/proc/{others[name]}").exists() for name in ("worker", "watcher"))  # stopped with it
+    log = (tmp_path / "logs" / "up.log").read_text()
+    delays = [int(d) for d in re.findall(r"api \(pid \d+\) exited with code \d+ after \d+ s; starting it again in (\d+) s",
+                                         log)]
+    assert delays == [1, 2, 4, 8], log[-4000:]
+    assert re.search(r"api \(pid \d+\) exited with code \d+, 5 times in a row within 30 s of starting; stopping "
+                     r"everything", log), log[-4000:]
