@@ -13,21 +13,25 @@ import json
 import logging
 import time
 import uuid
+from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 from celery import Celery
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel
-from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
-from api.deps import celery_dep, require_api_key, session_dep, settings_dep
+from api.auth import ApiKeyAuth
+from api.deps import celery_dep, pool_exhausted, require_api_key, session_dep, settings_dep
+from api.health import monitor_for
 from api.uploads import BodyLimit, is_zip, peek, require_image, unpack_zip
 from cxr import DISCLAIMER, __version__
 from cxr.bundle import BundleError, file_sha256, read_meta
@@ -46,12 +50,27 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 10  # the seed's limit for /predict/batch
 
+
+@asynccontextmanager
+async def lifespan(_app: FastAPI):
+    """Start the background health checks with the API (GET /health reads their result)."""
+    monitor = monitor_for(get_settings())
+    try:
+        yield
+    finally:
+        monitor.stop()
+
+
 app = FastAPI(
     title="cxr-screen",
     version=__version__,
     description="Batch screening of chest radiographs (Normal / Pneumonia / Tuberculosis). " + DISCLAIMER,
+    lifespan=lifespan,
 )
+# Outermost last: CORS, then the key check (a refused request's body is never read), then the size limit.
 app.add_middleware(BodyLimit)
+app.add_middleware(ApiKeyAuth)
+app.add_exception_handler(PoolTimeout, pool_exhausted)
 if get_settings().cors_origins:
     app.add_middleware(CORSMiddleware, allow_origins=get_settings().cors_origins, allow_methods=["GET", "POST"],
                        allow_headers=["X-API-Key", "Content-Type"])
@@ -68,7 +87,15 @@ async def database_unavailable(request: Request, exc: Exception) -> JSONResponse
 
 
 SettingsDep = Annotated[Settings, Depends(settings_dep)]
-SessionDep = Annotated[Session, Depends(session_dep)]
+# At most CXR_DB_POOL_SIZE requests hold a session at once (the others wait their turn without
+# a thread, so load queues instead of failing on the pool); each session is closed as soon
+# as its endpoint returns.
+SessionDep = Annotated[Session, Depends(session_dep, scope="function", max_concurrency=get_settings().db_pool_size)]
+# /predict* wait for the worker (up to CXR_PREDICT_TIMEOUT_SECONDS) with their connection
+# returned between looks: they take turns of their own, so clients waiting there do not
+# hold up the other routes.
+PredictSessionDep = Annotated[Session, Depends(session_dep, scope="function",
+                                               max_concurrency=get_settings().db_pool_size)]
 CeleryDep = Annotated[Celery, Depends(celery_dep)]
 Protected = [Depends(require_api_key)]
 TERMINAL = {StudyStatus.done.value, StudyStatus.failed.value, StudyStatus.rejected.value}
@@ -194,8 +221,8 @@ def _wait(settings: Settings, session: Session, study_ids: list[uuid.UUID], *, j
     # here): looking earlier finds nothing and only takes CPU from the worker.
     time.sleep(0.006)
     while True:
-        session.rollback()  # a fresh snapshot on every look
         statuses = repo.study_statuses(session, study_ids=study_ids)
+        session.rollback()  # a fresh snapshot next time; the connection goes back to the pool meanwhile
         if all(sid in statuses and (statuses[sid][0] in TERMINAL or (statuses[sid][1] and not heatmap))
                for sid in study_ids):
             return
@@ -244,7 +271,7 @@ def _one(uploads: list[UploadFile], settings: Settings, celery: Celery, session:
 @app.post("/predict", response_model=Prediction, dependencies=Protected, responses=errors(413, 415, 504, 507))
 def predict(
     file: Annotated[UploadFile, File(description="One PNG, JPEG or DICOM file")],
-    settings: SettingsDep, session: SessionDep, celery: CeleryDep,
+    settings: SettingsDep, session: PredictSessionDep, celery: CeleryDep,
 ) -> dict[str, Any]:
     """Screen one image: enqueued with high priority, answered when the worker is done (or 504
     with the study id to poll after CXR_PREDICT_TIMEOUT_SECONDS). A file the quality gate
@@ -256,7 +283,7 @@ def predict(
           responses=errors(413, 415, 504, 507))
 def predict_batch(
     files: Annotated[list[UploadFile], File(description=f"Up to {MAX_BATCH} PNG, JPEG or DICOM files")],
-    settings: SettingsDep, session: SessionDep, celery: CeleryDep,
+    settings: SettingsDep, session: PredictSessionDep, celery: CeleryDep,
 ) -> list[dict[str, Any]]:
     """Screen up to 10 images, one entry per file in order; files the gate refuses have
     status `rejected` and a reject_code. More files: use POST /jobs."""
@@ -299,13 +326,14 @@ def _heatmap_files(heatmap_path: str | None) -> tuple[Path | None, Path | None]:
           responses=errors(413, 415, 504, 507))
 def predict_explain(
     file: Annotated[UploadFile, File(description="One PNG, JPEG or DICOM file")],
-    settings: SettingsDep, session: SessionDep, celery: CeleryDep,
+    settings: SettingsDep, session: PredictSessionDep, celery: CeleryDep,
 ) -> dict[str, Any]:
     """As /predict, plus the Grad-CAM heatmap (base64 PNG, the map alone in jet colours) and
     the overlay (base64 PNG, the map blended on the radiograph), with their URLs."""
     pred = _one([file], settings, celery, session, heatmap=True)
     study = repo.get_study(session, study_id=pred["study_id"])
     bare, overlay = _heatmap_files(repo.latest_result(study).heatmap_path)
+    session.close()  # the connection goes back before the images are read and encoded
     sid = pred["study_id"]
     return {**pred, "heatmap": _b64(bare), "heatmap_url": f"/studies/{sid}/heatmap",
             "overlay": _b64(overlay), "overlay_url": f"/studies/{sid}/overlay"}
@@ -360,9 +388,11 @@ def _image(session: Session, study_id: uuid.UUID, *, which: str) -> Response:
         raise HTTPException(404, f"no study {study_id}")
     result = repo.latest_result(study)
     bare, overlay = _heatmap_files(result.heatmap_path if result else None)
+    status = study.status
+    session.close()  # the connection goes back before the image is read and encoded
     path = overlay if which == "overlay" else (bare or overlay)
     if path is None or not path.is_file():
-        raise HTTPException(404, f"study {study_id} has no {which} (status {study.status})")
+        raise HTTPException(404, f"study {study_id} has no {which} (status {status})")
     return Response(_png_bytes(path), media_type="image/png")
 
 
@@ -433,58 +463,38 @@ def get_worklist(
 
 # --- service --------------------------------------------------------------------------
 
-def _active_model(settings: Settings) -> dict[str, Any]:
-    path = resolve_bundle(settings)
-    if path is None:
-        return {"version": None, "error": "no model bundle configured"}
-    meta = read_meta(path)
-    return {"version": meta.version, "architecture": meta.architecture}
-
-
 @app.get("/health")
-def health(settings: SettingsDep, session: SessionDep, celery: CeleryDep) -> JSONResponse:
-    """Database and broker reachability (503 when either is down), live workers (Celery ping,
-    1 s) and the active model version. Never needs an API key."""
-    checks: dict[str, Any] = {}
-    try:
-        session.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception as e:  # reported, not raised: this endpoint exists to say what is down
-        checks["database"] = f"error: {type(e).__name__}"
-    try:
-        with celery.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
-        checks["broker"] = "ok"
-    except Exception as e:  # reported, not raised
-        checks["broker"] = f"error: {type(e).__name__}"
-    ok = all(v == "ok" for v in checks.values())
-    extra: dict[str, Any] = {"workers": None, "model_version": None}
-    if checks["broker"] == "ok":
-        try:
-            extra["workers"] = len(celery.control.ping(timeout=1.0) or [])
-        except Exception as e:  # reported, not raised
-            extra["workers_error"] = f"{type(e).__name__}"
-    if checks["database"] == "ok":
-        try:
-            extra["model_version"] = _active_model(settings)["version"]
-        except (BundleError, OSError) as e:
-            extra["model_error"] = str(e)
-    return JSONResponse({"status": "ok" if ok else "degraded", **checks, **extra, "version": __version__},
-                        status_code=200 if ok else 503)
+async def health() -> JSONResponse:
+    """Database and broker reachability (503 when either is down), `workers` (how many answered
+    a 1 s Celery ping) and the active model version, as found by the background check
+    (api/health.py, every CXR_HEALTH_INTERVAL_SECONDS; `checked_seconds_ago` says when).
+    Answers at once from that state: 503 `starting` before the first check, `stale` if the
+    checks stopped. Never needs an API key."""
+    status, body = monitor_for(get_settings()).report()
+    return JSONResponse(body, status_code=status)
+
+
+_metrics_turn: list[anyio.CapacityLimiter] = []
 
 
 @app.get("/metrics", include_in_schema=False)
-def metrics(settings: SettingsDep) -> Response:
+async def metrics() -> Response:
     """Prometheus metrics (cxr.metrics): studies by status, rejections by reason, queue depth,
-    the active model. Like /health, never needs an API key: counts only, no study data."""
-    body, content_type = api_metrics(settings)
+    the active model. Like /health, never needs an API key: counts only, no study data.
+    Scrapes are served one at a time (each reads the database and the broker), so a burst
+    of them holds one connection, not one per scrape."""
+    if not _metrics_turn:
+        _metrics_turn.append(anyio.CapacityLimiter(1))
+    body, content_type = await anyio.to_thread.run_sync(api_metrics, get_settings(), limiter=_metrics_turn[0])
     return Response(body, media_type=content_type)
 
 
 @app.get("/model/info", dependencies=Protected, responses=errors(503))
-def model_info(settings: SettingsDep) -> dict[str, Any]:
+def model_info(settings: SettingsDep, _turn: SessionDep) -> dict[str, Any]:
     """The active bundle's metadata, read without torch: architecture, classes, input size,
     checkpoint hash, version, validation metrics and operating points (per-class thresholds)."""
+    # _turn: resolve_bundle reads the registry in a session of its own; taking a turn keeps
+    # the number of requests using the database within the pool.
     path = resolve_bundle(settings)
     if path is None:
         raise HTTPException(503, "no model bundle configured (set CXR_CHECKPOINT)")

@@ -15,6 +15,15 @@ environment, else the embedded SQLite + filesystem broker), with the shipped mod
    time (an httpx async loop): files/s and MB/s until every 202 is back.
 
     python benchmarks/api_load.py [--predict 30] [--uploads 60] [--concurrency 4] [--no-heatmaps]
+
+--burst measures instead what probes and bursts of clients do (README "Security and
+limits"): --studies films are sent and screened first, then 40 concurrent GET /health
+(no key, as load balancers and probes send them), twice, then 200 concurrent GET /worklist
+with a key. It prints each phase's status counts, errors (exceptions and 5xx other than
+a 503 with Retry-After), p50/p95/max latency, and whether the API still answers /health
+and /worklist afterwards (target: no errors, it answers, p95 under 2 s).
+
+    python benchmarks/api_load.py --burst [--studies 40] [--database-url ... --broker-url ...]
 """
 
 from __future__ import annotations
@@ -37,7 +46,9 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tests.stack import Stack, clean_env, cxr, free_port  # noqa: E402
+from tests.stack import Stack, clean_env, cxr, free_port, wait_until  # noqa: E402
+
+BURST_KEY = "bench-" + uuid.uuid4().hex
 
 
 def png_500k(seed: int) -> bytes:
@@ -109,9 +120,9 @@ def phase_breakdown(database_url: str, sent: list[tuple[uuid.UUID, float, float]
     return out
 
 
-async def upload_all(base: str, files: list[bytes], concurrency: int) -> float:
+async def upload_all(base: str, files: list[bytes], concurrency: int, headers: dict[str, str] | None = None) -> float:
     sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+    async with httpx.AsyncClient(base_url=base, timeout=120, headers=headers or {}) as client:
         async def one(i: int, data: bytes) -> None:
             async with sem:
                 r = await client.post("/jobs", files=[("files", (f"u{i}.png", data, "image/png"))])
@@ -123,6 +134,91 @@ async def upload_all(base: str, files: list[bytes], concurrency: int) -> float:
         return time.perf_counter() - t0
 
 
+async def burst(base: str, path: str, n: int, headers: dict[str, str] | None = None) -> list[tuple[object, float, bool]]:
+    """``n`` GET ``path`` at once, each on its own connection: [(status code or exception
+    name, seconds, answered with Retry-After)]."""
+    async with httpx.AsyncClient(base_url=base, timeout=60, headers=headers or {},
+                                 limits=httpx.Limits(max_connections=n, max_keepalive_connections=0)) as client:
+        start = asyncio.Event()
+
+        async def one() -> tuple[object, float, bool]:
+            await start.wait()
+            t0 = time.perf_counter()
+            try:
+                r = await client.get(path)
+                return r.status_code, time.perf_counter() - t0, "retry-after" in r.headers
+            except httpx.HTTPError as e:
+                return type(e).__name__, time.perf_counter() - t0, False
+
+        tasks = [asyncio.create_task(one()) for _ in range(n)]
+        await asyncio.sleep(0)
+        start.set()
+        return await asyncio.gather(*tasks)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def burst_row(name: str, results: list[tuple[object, float, bool]], cpu: float) -> str:
+    counts: dict[str, int] = {}
+    for code, _, _ in results:
+        counts[str(code)] = counts.get(str(code), 0) + 1
+    errors = sum(1 for code, _, retry in results
+                 if not isinstance(code, int) or (code >= 500 and not (code == 503 and retry)))
+    secs = [t for _, t, _ in results]
+    return (f"| {name} | {len(results)} | {', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))} | {errors} | "
+            f"{statistics.median(secs) * 1e3:.0f} / {pct(secs, 0.95) * 1e3:.0f} / {max(secs) * 1e3:.0f} ms | "
+            f"{cpu:.2f} s ({cpu / len(results) * 1e3:.1f} ms each) |")
+
+
+def run_burst(args, env: dict[str, str], tmp: Path) -> int:
+    env["CXR_API_KEYS"] = BURST_KEY
+    key = {"X-API-Key": BURST_KEY}
+    cxr("db", "upgrade", env=env)
+    (tmp / "logs").mkdir()
+    stack = Stack(log_dir=tmp / "logs", env=env)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    stack.start("api", "api", "--port", str(port))
+    stack.start("worker", "worker")
+    rows, after = [], {}
+    try:
+        stack.wait_http(f"{base}/health")
+        asyncio.run(upload_all(base, [png_500k(7000 + i) for i in range(args.studies)], 4, headers=key))
+        wait_until(lambda: sum(1 for s in httpx.get(f"{base}/worklist", params={"limit": 1000}, headers=key,
+                                                    timeout=30).json()["items"]
+                               if s["status"] in ("done", "rejected", "failed")) == args.studies,
+                   timeout=600, describe=stack.logs)
+        wait_until(lambda: httpx.get(f"{base}/health", timeout=10).json().get("workers") == 1, timeout=120,
+                   describe=stack.logs)
+        api_pid = stack.procs["api"].pid
+        for name, path, n, headers in (("GET /health x40 (no key), 1st", "/health", 40, None),
+                                       ("GET /health x40 (no key), 2nd", "/health", 40, None),
+                                       (f"GET /worklist x200 (key; {args.studies} studies, default limit)",
+                                        "/worklist", 200, key)):
+            cpu0 = cpu_seconds(api_pid)
+            results = asyncio.run(burst(base, path, n, headers=headers))
+            rows.append(burst_row(name, results, cpu_seconds(api_pid) - cpu0))
+        for path, headers in (("/health", {}), ("/worklist", key)):
+            try:
+                after[path] = str(httpx.get(f"{base}{path}", headers=headers, timeout=10).status_code)
+            except httpx.HTTPError as e:
+                after[path] = type(e).__name__
+    finally:
+        codes = stack.stop()
+    print("| phase | requests | status counts | errors | p50 / p95 / max | API process CPU |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(row)
+    print(f"| afterwards: GET /health, GET /worklist (10 s timeout) | | {after.get('/health')}, "
+          f"{after.get('/worklist')} | | | |")
+    print(f"| exit codes after SIGTERM | | {codes} | | | |")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--predict", type=int, default=30, help="POST /predict requests (one at a time)")
@@ -132,6 +228,8 @@ def main() -> int:
     ap.add_argument("--database-url", default=os.environ.get("CXR_DATABASE_URL", ""))
     ap.add_argument("--broker-url", default=os.environ.get("CXR_BROKER_URL", ""))
     ap.add_argument("--no-heatmaps", action="store_true", help="workers skip Grad-CAM (CXR_HEATMAPS=none)")
+    ap.add_argument("--burst", action="store_true", help="the burst mode (see above) instead of the latency runs")
+    ap.add_argument("--studies", type=int, default=40, help="--burst: films screened before the bursts")
     args = ap.parse_args()
 
     from cxr.settings import DEFAULT_BUNDLE, Settings
@@ -148,6 +246,8 @@ def main() -> int:
     print(f"database {args.database_url or 'SQLite (embedded)'}, broker {args.broker_url or 'filesystem://'}, "
           f"bundle {bundle.name}, heatmaps {'off' if args.no_heatmaps else 'on'}, torch threads {threads}",
           file=sys.stderr)
+    if args.burst:
+        return run_burst(args, env, tmp)
     fwd = forward_ms(bundle, threads)
     predict_files = [png_500k(1000 + i) for i in range(args.predict + 2)]
     upload_files = [png_500k(5000 + i) for i in range(args.uploads)]

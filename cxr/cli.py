@@ -146,33 +146,109 @@ def gpu_children(spec: str, visible: int) -> list[str]:
     return [str(i) for i in dict.fromkeys(wanted)]
 
 
-def _supervise(procs: dict[str, subprocess.Popen], stop: threading.Event, *, grace_seconds: float) -> None:
-    """Wait until a signal or until one child exits; then stop every child (SIGTERM: a
-    worker finishes its current batch first), kill those still running after
-    ``grace_seconds``, and exit 1 if a child had exited by itself."""
-    exited = None
-    while not stop.is_set() and exited is None:
-        exited = next((n for n, p in procs.items() if p.poll() is not None), None)
-        stop.wait(0.5)
-    if exited:
-        log.error("%s exited with code %s; stopping the others", exited, procs[exited].returncode)
-    for p in procs.values():
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_seconds
-    for name, p in procs.items():
+RESTART_FIRST_DELAY = 1.0  # seconds before a child that exited is started again; doubles while it keeps failing
+RESTART_MAX_DELAY = 60.0
+RESTART_STABLE_SECONDS = 30.0  # a child that ran this long before exiting starts again after RESTART_FIRST_DELAY
+RESTART_GIVE_UP = 5  # consecutive exits, each within RESTART_STABLE_SECONDS of its start: stop everything
+
+
+class _Child:
+    """One supervised process: its command, environment, and restart history."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        self.name, self.argv, self.env = name, argv, env
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+        self.quick_exits = 0  # consecutive exits soon after a start
+        self.restart_at: float | None = None
+
+    def start(self) -> None:
+        # Its own session (process group): a Ctrl-C on the terminal reaches only `cxr up`,
+        # which stops the children in order, and SIGKILL can take a child's own children too.
+        self.proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
+        self.started = time.monotonic()
+        self.restart_at = None
+        log.info("started %s (pid %d)", self.name, self.proc.pid)
+
+    def kill_group(self) -> None:
         try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # already gone
+            pass
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _supervise(children: list[_Child], stop: threading.Event, *, grace_seconds: float) -> None:
+    """Start the children and keep them running until a signal sets ``stop``.
+
+    A child that exits by itself (crash, OOM kill) is started again after a delay that
+    starts at RESTART_FIRST_DELAY and doubles (up to RESTART_MAX_DELAY) while it keeps
+    exiting within RESTART_STABLE_SECONDS of its start; the others keep running. After
+    RESTART_GIVE_UP such exits in a row (it cannot start: a configuration error, a port in
+    use) everything is stopped and this exits 1.
+
+    Stopping: SIGTERM to each child (a worker finishes its batch first), then SIGKILL to the
+    process group of each one still running ``grace_seconds`` later, logged. Exits 0 when
+    every child stopped by itself, 1 when one had to be killed or kept failing."""
+    for child in children:
+        child.start()
+    failed = None
+    while not stop.is_set() and failed is None:
+        now = time.monotonic()
+        for child in children:
+            if child.restart_at is not None:
+                if now >= child.restart_at:
+                    child.start()
+                continue
+            code = child.proc.poll()
+            if code is None:
+                continue
+            ran = now - child.started
+            child.kill_group()  # what it left behind (a prefork worker's pool processes)
+            child.quick_exits = child.quick_exits + 1 if ran < RESTART_STABLE_SECONDS else 1
+            if child.quick_exits >= RESTART_GIVE_UP:
+                log.error("%s (pid %d) %s, %d times in a row within %.0f s of starting; stopping everything",
+                          child.name, child.proc.pid, _exit_text(code), child.quick_exits, RESTART_STABLE_SECONDS)
+                failed = child
+                break
+            delay = min(RESTART_MAX_DELAY, RESTART_FIRST_DELAY * 2 ** (child.quick_exits - 1))
+            log.error("%s (pid %d) %s after %.0f s; starting it again in %.0f s", child.name, child.proc.pid,
+                      _exit_text(code), ran, delay)
+            child.restart_at = now + delay
+        stop.wait(0.2)
+    running = [c for c in children if c.restart_at is None and c.proc.poll() is None]
+    for child in running:
+        child.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    killed = False
+    for child in running:
+        try:
+            child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in time; killing it", name)
-            p.kill()
-    raise typer.Exit(1 if exited else 0)
+            log.warning("%s (pid %d) did not stop within %g s of SIGTERM; killing it (SIGKILL)", child.name,
+                        child.proc.pid, grace_seconds)
+            child.kill_group()
+            killed = True
+            try:
+                child.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                log.error("%s (pid %d) is still there 10 s after SIGKILL (stuck in the kernel?)", child.name,
+                          child.proc.pid)
+    raise typer.Exit(1 if failed is not None or killed else 0)
 
 
 def _run_gpu_workers(spec: str) -> None:
     """One `cxr worker` process per GPU, each seeing only its own (CUDA_VISIBLE_DEVICES), so no
     process ever shares a CUDA context or creates one before a fork. Stops them all on
-    SIGINT/SIGTERM, and stops the rest when one exits."""
+    SIGINT/SIGTERM; one that exits by itself is started again (see _supervise)."""
     import torch  # only counts the devices (NVML); the children are new processes, not forks
 
     try:
@@ -180,15 +256,13 @@ def _run_gpu_workers(spec: str) -> None:
     except ValueError as e:
         raise fail(str(e)) from None
     settings = get_settings()
-    procs = {}
+    children = []
     for n, dev in enumerate(devices):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": dev, "CXR_DEVICE": "cuda"}
         if settings.worker_metrics_port is not None:  # one exporter per process: consecutive ports
             env["CXR_WORKER_METRICS_PORT"] = str(settings.worker_metrics_port + n)
-        name = f"the worker on GPU {dev}"
-        procs[name] = subprocess.Popen([sys.executable, "-m", "cxr", "worker"], env=env, start_new_session=True)
-        log.info("started %s (pid %d)", name, procs[name].pid)
-    _supervise(procs, _stop_on_signals(), grace_seconds=120)
+        children.append(_Child(f"the worker on GPU {dev}", [sys.executable, "-m", "cxr", "worker"], env))
+    _supervise(children, _stop_on_signals(), grace_seconds=settings.stop_grace_seconds)
 
 
 @app.command()
@@ -303,6 +377,9 @@ def watch(
     InboxWatcher(settings, get_celery(), inbox=inbox).run(_stop_on_signals())
 
 
+API_SHUTDOWN_SECONDS = 10
+
+
 @app.command()
 def api(
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
@@ -310,14 +387,19 @@ def api(
 ) -> None:
     """Run the HTTP intake API under uvicorn (docs at /docs).
 
-    With no API key configured (CXR_API_KEYS or `cxr apikey create`) the API is open to
-    anyone who can reach it: it binds to 127.0.0.1 by default, and says so."""
+    With no API key ever configured (CXR_API_KEYS or `cxr apikey create`) the API is open
+    to anyone who can reach it: it binds to 127.0.0.1 by default, and says so. CXR_AUTH
+    overrides that decision (README "Security and limits").
+
+    On SIGTERM/SIGINT it stops taking connections and gives requests in flight
+    API_SHUTDOWN_SECONDS to finish (a /predict may be waiting for the worker), then exits."""
     import uvicorn
 
     settings = get_settings()
     settings.ensure_dirs()
     _warn_if_open(settings, host)
-    uvicorn.run("api.main:app", host=host, port=port, log_level=settings.log_level.lower())
+    uvicorn.run("api.main:app", host=host, port=port, log_level=settings.log_level.lower(),
+                timeout_graceful_shutdown=API_SHUTDOWN_SECONDS)
 
 
 @app.command()
@@ -330,7 +412,10 @@ def up(
     """Everything on one machine: migrate, then run the API, the watcher and a worker.
 
     With no configuration this uses SQLite and a serverless (filesystem) Celery transport
-    under CXR_HOME (./var). Ctrl-C stops all three cleanly.
+    under CXR_HOME (./var). A child that exits by itself (a worker killed for memory) is
+    started again, with a growing delay while it keeps failing; the others keep running.
+    Ctrl-C stops all three: SIGTERM, then SIGKILL for any still running after
+    CXR_STOP_GRACE_SECONDS (logged; `cxr up` then exits 1).
     """
     settings = get_settings()
     if inbox is not None:
@@ -341,35 +426,43 @@ def up(
     env = {**os.environ, "CXR_HOME": str(settings.home), "CXR_INBOX": str(settings.inbox),
            "CXR_DATABASE_URL": settings.database_url, "CXR_BROKER_URL": settings.broker_url}
     base = [sys.executable, "-m", "cxr"]
-    commands = {
-        "worker": base + ["worker", "--concurrency", str(concurrency)],
-        "watcher": base + ["watch"],
-        "api": base + ["api", "--host", host, "--port", str(port)],
-    }
-    procs = {name: subprocess.Popen(cmd, env=env, start_new_session=True) for name, cmd in commands.items()}
+    children = [
+        _Child("worker", base + ["worker", "--concurrency", str(concurrency)], env),
+        _Child("watcher", base + ["watch"], env),
+        _Child("api", base + ["api", "--host", host, "--port", str(port)], env),
+    ]
     typer.echo(f"cxr up: API http://{host}:{port}/docs, inbox {settings.inbox}, data {settings.home}", err=True)
     typer.echo(DISCLAIMER, err=True)
-    _supervise(procs, _stop_on_signals(), grace_seconds=60)
+    _supervise(children, _stop_on_signals(), grace_seconds=settings.stop_grace_seconds)
 
 
 def _warn_if_open(settings, host: str) -> None:
+    """Log a warning when the API will be open: CXR_AUTH=open, or no key ever configured
+    (and CXR_AUTH unset); and when CXR_AUTH=required while no key exists (all 401)."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from cxr.db import repo
     from cxr.db.session import database_problem, session_scope
 
+    where = "" if host in ("127.0.0.1", "localhost", "::1") else "; it is bound to a non-loopback address"
+    if settings.auth == "open":
+        log.warning("CXR_AUTH=open: the API on %s needs no key and is open to anyone who can reach it%s", host, where)
+        return
     if settings.api_keys:
         return
     try:
         with session_scope(settings.database_url) as session:
             if repo.api_key_status(session, key_sha256=None)[0]:
-                return
+                return  # keys were created (revoked ones count): required
     except SQLAlchemyError as e:  # the API starts all the same; its routes answer 503 with this sentence
         log.warning("cannot read API keys from the database: %s", database_problem(settings.database_url, e) or
                     type(e).__name__)
+    if settings.auth == "required":
+        log.warning("CXR_AUTH=required but no API key exists: every request except /health and /metrics gets 401 "
+                    "until one is created (`cxr apikey create`) or set (CXR_API_KEYS)")
+        return
     log.warning("no API key is configured (CXR_API_KEYS or `cxr apikey create`): the API on %s is open to anyone "
-                "who can reach it%s", host, "" if host in ("127.0.0.1", "localhost", "::1") else
-                "; it is bound to a non-loopback address")
+                "who can reach it%s", host, where)
 
 
 def iter_inputs(paths: list[Path]) -> list[Path]:

@@ -98,6 +98,21 @@ class Settings(BaseSettings):
         8, ge=0, description="Callbacks a `cxr worker` delivers at once, in its own callback process (a threads "
         "pool on the callback queue, apart from screening). 0: this worker starts no callback process.")
     callback_queue: str = Field("", description="Celery queue of job callbacks. Default: CXR_QUEUE + '.callbacks'.")
+    auth: Literal["required", "open"] | None = Field(
+        None, description="required: every endpoint but /health and /metrics needs X-API-Key (with no key at all, "
+        "every such request gets 401). open: none does, even when keys exist (logged as a warning). Unset: required "
+        "once CXR_API_KEYS is set or any key was ever created with `cxr apikey create` (revoked keys count), so "
+        "revoking the last key never opens the API; open while no key ever existed.")
+    db_pool_size: int = Field(
+        10, ge=1, description="Database connections a process keeps (SQLAlchemy pool_size; as many again are opened "
+        "under peaks). The API lets at most this many requests use the database at once (and as many /predict* "
+        "waiting for the worker); the others wait their turn.")
+    health_interval_seconds: float = Field(
+        2.0, gt=0, description="How often the API checks the database, the broker and the workers (Celery ping) in "
+        "the background; GET /health answers from the last check, never waiting on either.")
+    stop_grace_seconds: float = Field(
+        60.0, gt=0, description="`cxr up` and `cxr worker --gpus`: how long a child may take to stop after SIGTERM "
+        "(a worker finishes its batch) before it is killed (SIGKILL).")
     api_url: str = Field("http://127.0.0.1:8000", description="Where `cxr submit` sends files.")
     api_key: SecretStr | None = Field(None, description="The X-API-Key `cxr submit` sends.")
     cors_origins: Annotated[list[str], NoDecode] = Field(

@@ -806,12 +806,13 @@ def list_api_keys(session: Session) -> list[ApiKey]:
 
 
 def api_key_status(session: Session, *, key_sha256: str | None) -> tuple[bool, bool]:
-    """(any active key is stored, this hash is an active stored key)."""
-    active = ApiKey.revoked_at.is_(None)
-    any_active = session.scalar(select(ApiKey.id).where(active).limit(1)) is not None
-    match = bool(key_sha256) and any_active and session.scalar(
-        select(ApiKey.id).where(active, ApiKey.key_sha256 == key_sha256)) is not None
-    return any_active, match
+    """(any key was ever stored, revoked ones included; this hash is an active stored key).
+
+    The first tells whether the installation has required keys: revoking the last key must
+    not open the API (README "Security and limits")."""
+    match = bool(key_sha256) and session.scalar(
+        select(ApiKey.id).where(ApiKey.revoked_at.is_(None), ApiKey.key_sha256 == key_sha256)) is not None
+    return match or session.scalar(select(ApiKey.id).limit(1)) is not None, match
 
 
 TERMINAL_STATUSES = (StudyStatus.done.value, StudyStatus.failed.value, StudyStatus.rejected.value)

@@ -145,11 +145,22 @@ def _install_readiness_checks(engine: Engine, database_url: str) -> None:
             raise DatabaseNotReady(problem)
 
 
-def make_engine(database_url: str) -> Engine:
+def make_engine(database_url: str, *, pool_size: int | None = None) -> Engine:
+    """An engine for ``database_url``. ``pool_size``: connections its pool keeps (default
+    CXR_DB_POOL_SIZE); as many again are opened under peaks (and closed once returned). An
+    in-memory SQLite database keeps one per thread instead."""
+    if pool_size is None:
+        from cxr.settings import get_settings
+
+        pool_size = get_settings().db_pool_size
+    url = make_url(database_url)
+    in_memory = url.get_backend_name() == "sqlite" and (url.database in (None, "", ":memory:")
+                                                        or url.query.get("mode") == "memory")
+    pool = {} if in_memory else {"pool_size": pool_size, "max_overflow": pool_size}
     if database_url.startswith("sqlite"):
         # Several processes (API, watcher, workers) share one SQLite file: WAL lets
         # readers run beside the writer, and busy_timeout waits instead of failing.
-        engine = create_engine(database_url, connect_args={"timeout": 30})
+        engine = create_engine(database_url, connect_args={"timeout": 30}, **pool)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial
@@ -160,7 +171,7 @@ def make_engine(database_url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(database_url, pool_pre_ping=True)
+    return create_engine(database_url, pool_pre_ping=True, **pool)
 
 
 @lru_cache
