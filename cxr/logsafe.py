@@ -114,6 +114,11 @@ class RedactingFilter(logging.Filter):
     record of the process by :func:`install_record_factory`; usable on a handler as well."""
 
     def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003 - logging's name
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple):
+            # uvicorn's AccessFormatter unpacks (client, method, path, http version, status) from
+            # the args: keep their shape, redact each text.
+            record.args = tuple(redact_text(a) if isinstance(a, str) else a for a in record.args)
+            return True
         if record.args:
             args = record.args if isinstance(record.args, tuple) else (record.args,)
             if any(isinstance(a, BaseException) and from_dicom_code(a) for a in args):

@@ -136,3 +136,27 @@ def test_real_processes_keep_hostile_header_values_out_of_logs_db_and_outputs(tm
         leaked = [t for t in TOKENS if t.lower() in text.lower()]
         assert not leaked, (where, leaked)
         assert "\x1b" not in text or where in ("table",), where
+
+
+def test_uvicorn_access_lines_keep_their_shape_and_are_redacted():
+    """uvicorn's AccessFormatter unpacks its five args: the filter keeps them a tuple (a
+    None there broke every access line of `cxr api`), and still masks what they carry."""
+    from uvicorn.logging import AccessFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s', use_colors=False))
+    handler.addFilter(RedactingFilter())
+    logger = logging.getLogger("uvicorn.access")
+    old = (logger.handlers[:], logger.propagate, logger.level)
+    logger.handlers, logger.propagate = [handler], False
+    logger.setLevel(logging.INFO)
+    try:
+        logger.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET",
+                    "/worklist?PatientName=SMITHSECRET\nforged", "1.1", 200)
+    finally:
+        logger.handlers, logger.propagate, _ = old
+        logger.setLevel(old[2])
+    line = stream.getvalue()
+    assert "GET /worklist?PatientName=" in line and '" 200' in line
+    assert "SMITHSECRET" not in line and line.count("\n") == 1
