@@ -127,26 +127,28 @@ def is_any_dicom(head: bytes) -> bool:
     return is_dicom(head) or bare_dicom_encoding(head) is not None
 
 
-def read_dataset(fp: Any, *, stop_before_pixels: bool = False) -> tuple[pydicom.Dataset, bool]:
-    """(data set, bare): a Part 10 file, or a bare data set read with ``force=True``. For a bare
-    one the inferred transfer syntax (implicit or explicit VR little endian, from the data set's
-    own encoding) is put in its file meta, so it decodes like any other file.
+def read_dataset(fp: Any, *, stop_before_pixels: bool = False) -> tuple[pydicom.Dataset, bool, bool]:
+    """(data set, bare, inferred): a Part 10 file, or a bare data set read with ``force=True``.
+    When the file meta holds no Transfer Syntax UID (a bare data set, or a Part 10 file whose
+    writer left (0002,0010) out; PS3.10 7.1 requires it), the syntax is inferred from the data
+    set's own encoding (implicit or explicit VR little endian), put in its file meta so it
+    decodes like any other file, and ``inferred`` is True.
     Raises InvalidDicomError and what pydicom raises for a corrupt file."""
     head = fp.read(DICM_OFFSET + 4)
     fp.seek(0)
     bare = not is_dicom(head)
     ds = pydicom.dcmread(fp, force=bare, stop_before_pixels=stop_before_pixels)
-    if bare:
-        meta = getattr(ds, "file_meta", None)
-        if meta is None:
-            meta = ds.file_meta = pydicom.dataset.FileMetaDataset()
-        if not meta.get("TransferSyntaxUID"):
-            implicit, little = ds.original_encoding
-            if not little:
-                raise InvalidDicomError("a bare data set in big endian is not supported")
-            meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit
-                                      else pydicom.uid.ExplicitVRLittleEndian)
-    return ds, bare
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = ds.file_meta = pydicom.dataset.FileMetaDataset()
+    inferred = not meta.get("TransferSyntaxUID")
+    if inferred:
+        implicit, little = ds.original_encoding
+        if not little:
+            raise InvalidDicomError("a data set in big endian without a Transfer Syntax UID is not supported")
+        meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit
+                                  else pydicom.uid.ExplicitVRLittleEndian)
+    return ds, bare, inferred
 
 
 def _text(value: Any) -> str | None:
@@ -251,7 +253,7 @@ def read_header(source: Path | bytes, *, key: bytes) -> DicomHeader | None:
 
 def _read(fp: Any, key: bytes) -> DicomHeader | None:
     try:
-        ds, _bare = read_dataset(fp, stop_before_pixels=True)
+        ds, _bare, _inferred = read_dataset(fp, stop_before_pixels=True)
         fields = header_fields(ds)
         pid = _text(ds.get("PatientID"))
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:

@@ -278,7 +278,7 @@ def _open_dicom(data: bytes, *, max_pixels: int) -> Opened:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns on oddities; what matters is checked below
-            ds, bare = read_dataset(io.BytesIO(data))
+            ds, bare, inferred = read_dataset(io.BytesIO(data))
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ImageDecodeError(
             Code.unreadable, f"cannot parse the DICOM file ({type(e).__name__}: {_cause(e)}); it is truncated or "
@@ -326,6 +326,9 @@ def _open_dicom(data: bytes, *, max_pixels: int) -> Opened:
     if bare:
         meta["notes"] = [f"dicom_no_meta: no DICOM Part 10 header (no preamble, 'DICM' or file meta); read as a "
                          f"bare data set in {_syntax_name(ds.file_meta.TransferSyntaxUID)}"]
+    elif inferred:
+        meta["notes"] = [f"dicom_no_meta: the DICOM file meta has no Transfer Syntax UID (0002,0010); read as "
+                         f"{_syntax_name(ds.file_meta.TransferSyntaxUID)}, inferred from the data set's encoding"]
     return Opened(format="dicom", metadata=meta, handle=ds)
 
 
