@@ -213,6 +213,30 @@ def test_polarity_scores_separate_films_from_their_negatives():
         assert polarity_score(1.0 - pos) < -POLARITY_THRESHOLD
 
 
+def sideways_films() -> dict[str, bytes]:
+    """Positive films sent rotated by a right angle: pixels stored sideways (PNG), or stored
+    upright with an EXIF Orientation that turns them (JPEG, applied on decoding)."""
+    rg1 = rg1_pixels()
+    out = {f"RG1_rot{k * 90}.png": png_bytes(to8(np.rot90(rg1, k))) for k in (1, 3)}
+    for seed in range(3):
+        out[f"chest{seed}_rot90.png"] = png_bytes(np.ascontiguousarray(np.rot90(chest_like(SIZE, seed=seed))))
+    for orientation in (6, 8):  # 90 degrees clockwise / counter-clockwise on display
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        for name, arr in (("RG1", to8(rg1)), ("chest0", chest_like(SIZE, seed=0))):
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="JPEG", quality=92, exif=exif.tobytes())
+            out[f"{name}_exif{orientation}.jpg"] = buf.getvalue()
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(sideways_films()))
+def test_a_positive_film_sent_sideways_is_not_taken_for_a_negative(name):
+    pixels, meta = gated_pixels(sideways_films()[name])
+    assert not meta.get("notes"), meta.get("notes")
+    assert np.array_equal(pixels, decode(sideways_films()[name]).pixels)  # screened as sent, not inverted
+
+
 def test_dicom_photometric_interpretation_stays_authoritative():
     # A MONOCHROME2 DICOM whose pixels are a negative is shown as its header says: never inverted.
     neg = chest_dataset(SIZE, seed=3)
