@@ -98,7 +98,7 @@ def decode_pixels(opened: Opened, *, voi: VoiOptions = VoiOptions(), frame: int 
     """The (H, W) float32 image in [0, 1]. Raises ImageDecodeError."""
     if opened.format == "dicom":
         return _dicom_pixels(opened.handle, voi=voi, frame=frame)
-    return _raster_pixels(opened.handle, kind=opened.format)
+    return _raster_pixels(opened.handle, kind=opened.format, voi=voi)
 
 
 def decode(data: bytes, *, max_pixels: int = 80_000_000, voi: VoiOptions = VoiOptions()) -> Decoded:
@@ -202,7 +202,7 @@ def _open_raster(data: bytes, *, kind: str, max_pixels: int) -> Opened:
                   handle=img)
 
 
-def _raster_pixels(img: Image.Image, *, kind: str) -> np.ndarray:
+def _raster_pixels(img: Image.Image, *, kind: str, voi: VoiOptions = VoiOptions()) -> np.ndarray:
     try:
         img.load()
         if kind == "jpeg":
@@ -214,9 +214,11 @@ def _raster_pixels(img: Image.Image, *, kind: str) -> np.ndarray:
         ) from e
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16-bit (or 32-bit) grey: no window in a PNG, so the full range of the values.
+        # 16-bit (or 32-bit) grey: no window in a PNG, so the robust range of the values, as for
+        # a DICOM without one: a burned-in label or border at the top value (65535 over a
+        # 12-bit film) must not squeeze the film into a few grey levels.
         arr = np.asarray(img, dtype=np.float32)
-        return to_unit_range(arr, float(arr.min()), float(arr.max()))
+        return to_unit_range(arr, *robust_range(arr, *voi.fallback_percentiles))
     if mode != "L":
         # RGB, RGBA, LA, P (palette), CMYK, 1: to luminance. Alpha is ignored.
         img = img.convert("L")
