@@ -136,6 +136,25 @@ def test_temporary_names_of_every_common_convention_are_ignored(monkeypatch):
     assert is_candidate(Path("film.dcm"), extra)
 
 
+def test_files_inside_temporary_or_hidden_folders_are_ignored(tmp_path, monkeypatch):
+    """A browser or safe-save writes inside a folder with a temporary name (Safari's
+    "film.dcm.download/film.dcm", macOS "*.sb-*", a ".tmp" staging folder) and moves the
+    file out when done: nothing in such a folder is taken in, by events or by the scan."""
+    monkeypatch.setenv("CXR_WATCH_IGNORE", "staging_*")
+    settings, w = make_watcher(tmp_path)
+    inbox = settings.inbox
+    inside = ["film.dcm.download/film.dcm", "upload.tmp/a.png", "folder.sb-1a2b-Cd3/film.dcm", ".sync/film.dcm",
+              "site/film.partial/IM0001", "staging_01/film.dcm"]
+    outside = ["film.dcm", "site/ward 3/IM0001", "download/film.png", "tmp/film.jpg"]
+    for rel in inside + outside:
+        (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
+        (inbox / rel).write_bytes(b"x")
+    assert [r for r in inside if w.wanted(inbox / r)] == []
+    assert [r for r in outside if not w.wanted(inbox / r)] == []
+    w.scan()
+    assert sorted(str(p.relative_to(inbox)) for p in w._pending) == sorted(outside)
+
+
 @pytest.mark.parametrize("kind", ["png", "jpeg", "dicom", "j2k", "rle", "jpeg_ls", "deflated", "implicit",
                                   "big_endian"])
 def test_completeness_finds_every_cut(kind):
