@@ -157,6 +157,9 @@ def make_engine(database_url: str, *, pool_size: int | None = None) -> Engine:
     in_memory = url.get_backend_name() == "sqlite" and (url.database in (None, "", ":memory:")
                                                         or url.query.get("mode") == "memory")
     pool = {} if in_memory else {"pool_size": pool_size, "max_overflow": pool_size}
+    # A failed statement's error message would quote its parameters (file names, accession
+    # numbers) and reach a log or a 503 sentence: SQLAlchemy leaves them out with hide_parameters.
+    pool["hide_parameters"] = True
     if database_url.startswith("sqlite"):
         # Several processes (API, watcher, workers) share one SQLite file: WAL lets
         # readers run beside the writer, and busy_timeout waits instead of failing.
