@@ -11,8 +11,10 @@ taken for finished ends early, and its format usually says so.
 - DICOM Part 10 (PS3.10 section 7.1, PS3.5 sections 7.1, 7.5 and A.4): the file meta group
   gives the transfer syntax, then every top-level data element is walked by its length;
   undefined lengths (sequences, encapsulated pixel data) are followed item by item to their
-  Sequence Delimitation Item. Complete when the last element ends exactly at the end of the
-  file, and, for an image (Rows present), Pixel Data was reached. A deflated data set
+  Sequence Delimitation Item. Complete when the top-level Pixel Data element ends inside the
+  file (what follows it, such as trailing padding or a stray byte some writers append, is not
+  needed to screen the film and is not checked), or else when the last element ends exactly
+  at the end of the file and, for an image (Rows present), Pixel Data was reached. A deflated data set
   (1.2.840.10008.1.2.1.99) is complete when its deflate stream ends.
 - Anything else is complete unless it is empty or too short to be told apart from the
   start of one of these (under 132 bytes, the DICOM preamble and prefix).
@@ -217,6 +219,8 @@ def _walk(f: BinaryIO, size: int, *, implicit: bool, endian: str, depth: int) ->
                 raise _Cut(f"the DICOM file ends inside element ({group:04X},{elem:04X}): {size - f.tell()} of "
                            f"its {length} bytes are there")
             f.seek(end)
+        if depth == 0 and tag in _PIXEL_TAGS:
+            return seen  # the image is whole: what follows (padding, an odd trailing byte) is not needed
 
 
 def _items(f: BinaryIO, size: int, *, implicit: bool, endian: str, depth: int, tag: int) -> None:

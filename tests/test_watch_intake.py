@@ -169,6 +169,22 @@ def test_completeness_finds_every_cut(kind):
     assert missed == [], f"{kind}: cuts at {missed[:10]} look complete"
 
 
+@pytest.mark.parametrize("kind", ["dicom", "j2k", "rle", "implicit", "big_endian"])
+@pytest.mark.parametrize("trailer", [b"\0", b"\0\0\0", b"\r\n", b"trailer", b"-- end of file --\n", b"\0" * 513],
+                         ids=["odd_zero", "three_zeros", "crlf", "7_bytes_text", "text_line", "513_zeros"])
+def test_bytes_after_the_pixel_data_do_not_make_a_dicom_look_cut(kind, trailer):
+    """Writers and transfer tools that append a stray byte, a line end or sector padding after
+    the data set leave a film the worker screens: it must not wait CXR_WATCH_STALLED_SECONDS
+    and end in the errors folder as 'cut short'. A cut inside the Pixel Data still shows."""
+    from worker.screening.pipeline import gated_pixels
+
+    data = film(kind, seed=9) + trailer
+    assert incomplete(io.BytesIO(data), len(data)) is None
+    gated_pixels(data)  # and the worker does screen it
+    cut = film(kind, seed=9)[:-3]
+    assert incomplete(io.BytesIO(cut), len(cut)) is not None
+
+
 def test_completeness_of_other_content():
     ds = chest_dataset(320, seed=8)
     del ds.PixelData
