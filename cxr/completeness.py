@@ -16,6 +16,8 @@ taken for finished ends early, and its format usually says so.
   needed to screen the film and is not checked), or else when the last element ends exactly
   at the end of the file and, for an image (Rows present), Pixel Data was reached. A deflated data set
   (1.2.840.10008.1.2.1.99) is complete when its deflate stream ends.
+- A bare DICOM data set (no preamble, 'DICM' or file meta; ``cxr.dicom.bare_dicom_encoding``)
+  is walked the same way in the implicit or explicit VR little endian its elements show.
 - Anything else is complete unless it is empty or too short to be told apart from the
   start of one of these (under 132 bytes, the DICOM preamble and prefix).
 
@@ -29,6 +31,8 @@ from __future__ import annotations
 import struct
 import zlib
 from typing import BinaryIO
+
+from cxr.dicom import SNIFF_BYTES, bare_dicom_encoding
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -68,6 +72,9 @@ def incomplete(f: BinaryIO, size: int) -> str | None:
             return _jpeg(f.read())
         if len(head) >= DICOM_PREFIX_END and head[128:132] == b"DICM":
             return _dicom(f, size)
+        f.seek(0)
+        if (encoding := bare_dicom_encoding(f.read(SNIFF_BYTES))) is not None:
+            return _bare_dicom(f, size, implicit=encoding == "implicit")
     except _Cut as cut:
         return str(cut)
     except _Odd:
@@ -180,6 +187,15 @@ def _dicom(f: BinaryIO, size: int) -> None:
     seen = _walk(f, size, implicit=implicit, endian=endian, depth=0)
     if _ROWS in seen and not seen & _PIXEL_TAGS:
         raise _Cut("the DICOM file ends before its Pixel Data")
+    return None
+
+
+def _bare_dicom(f: BinaryIO, size: int, *, implicit: bool) -> None:
+    """A bare data set (no preamble, 'DICM' or file meta; little endian, as cxr.dicom reads it)."""
+    f.seek(0)
+    seen = _walk(f, size, implicit=implicit, endian="<", depth=0)
+    if _ROWS in seen and not seen & _PIXEL_TAGS:
+        raise _Cut("the DICOM data set ends before its Pixel Data")
     return None
 
 
