@@ -213,6 +213,25 @@ def test_a_lossless_transcoding_is_still_a_resend(env, syntax):
     assert queued(settings) == 1
 
 
+@pytest.mark.parametrize("form", ["bare_implicit", "bare_explicit", "part10_without_syntax"])
+def test_a_resend_without_its_part10_header_is_still_a_resend(env, form):
+    """The same film again as a bare data set (no preamble, 'DICM' or file meta) or with a file
+    meta that lacks its Transfer Syntax UID: the worker reads both, so their pixels are compared
+    as its (they were 'pixels that could not be compared': a conflict, screened twice)."""
+    from tests.test_dicom_readers import bare, part10_without_syntax
+
+    settings, _ = env
+    ds = chest_dataset(320, seed=61)
+    first = submit(env, to_bytes(ds), "film.dcm")
+    data = (part10_without_syntax(ds, implicit=True) if form == "part10_without_syntax"
+            else bare(ds, implicit=form == "bare_implicit"))
+    again = submit(env, data, f"film-{form}.dcm", "api")
+    assert (again.study_id, again.duplicate, again.marker, again.created) == (
+        first.study_id, "same_sop_instance", None, False)
+    files = rows(settings, StudyFile)
+    assert len(files) == 2 and len({f.pixel_sha256 for f in files}) == 1 and files[0].pixel_sha256
+
+
 CONFLICTS = {
     # name: (changes to the first film, the difference named in the sentence)
     "other_patient": (dict(PatientID="PID-other-patient-0002"), "another patient"),
