@@ -132,8 +132,11 @@ def screener_factory(tiny_bundle):
     loaded = load_bundle(tiny_bundle, device="cpu")
 
     def make(budget_mb: float, **overrides):
-        settings = Settings(checkpoint=tiny_bundle, decode_budget_mb=budget_mb, engine="torch", max_batch=1,
-                            gate_min_size=64, heatmaps="none", **overrides)
+        # The deflated files here are uniform (they compress to almost nothing), which the gate
+        # refuses as blank_image after decoding: the budget is what these tests are about.
+        opts = dict(checkpoint=tiny_bundle, decode_budget_mb=budget_mb, engine="torch", max_batch=1,
+                    gate_min_size=64, heatmaps="none", gate_blank_image=False)
+        settings = Settings(**{**opts, **overrides})
         return Screener(loaded, screen_options(settings))
 
     return make
@@ -169,6 +172,19 @@ def test_one_file_over_the_whole_budget_is_too_large_and_not_decoded(screener_fa
         outcomes = list(pool.map(screener.screen, big))
     assert [o.status for o in outcomes] == ["done"] * 3, [o.error for o in outcomes]
     assert screener.budget.peak == decoded_bytes(big[0]) <= screener.budget.total
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_a_bare_data_set_is_budgeted_like_any_dicom(implicit, screener_factory):
+    """A bare data set (no preamble, 'DICM' or file meta) is screened like a Part 10 file, so its
+    decoded bytes must count too (they were unknown, and the file went around the budget)."""
+    from tests.test_dicom_readers import bare
+
+    ds = chest_dataset(1024, seed=3)  # 12 bits in 16: 2 MB decoded
+    data = bare(ds, implicit=implicit)
+    assert decoded_bytes(data) == 1024 * 1024 * 2 == decoded_bytes(to_bytes(ds))
+    outcome = screener_factory(1).screen(data)  # a 1 MB budget: more than the whole of it
+    assert (outcome.status, outcome.reject_code) == ("rejected", "too_large"), outcome.error
 
 
 def test_the_worker_and_predict_get_the_budget_from_the_settings():
