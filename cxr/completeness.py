@@ -65,13 +65,14 @@ def incomplete(f: BinaryIO, size: int) -> str | None:
     f.seek(0)
     head = f.read(DICOM_PREFIX_END)
     try:
+        # 'DICM' first: a Part 10 preamble may hold anything, a PNG or JPEG signature included (PS3.10 7.1).
+        if len(head) >= DICOM_PREFIX_END and head[128:132] == b"DICM":
+            return _dicom(f, size)
         if head.startswith(PNG_MAGIC):
             return _png(f, size)
         if head.startswith(JPEG_MAGIC):
             f.seek(0)
             return _jpeg(f.read())
-        if len(head) >= DICOM_PREFIX_END and head[128:132] == b"DICM":
-            return _dicom(f, size)
         f.seek(0)
         if (encoding := bare_dicom_encoding(f.read(SNIFF_BYTES))) is not None:
             return _bare_dicom(f, size, implicit=encoding == "implicit")

@@ -203,6 +203,18 @@ def test_completeness_finds_cuts_of_a_bare_data_set(implicit):
     assert len(missed) <= 8 and all(n < 600 for n in missed), missed
 
 
+@pytest.mark.parametrize("preamble", [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"PK\x03\x04", b"II*\x00"],
+                         ids=["png", "jpeg", "zip", "tiff"])
+def test_completeness_checks_dicm_before_other_signatures(preamble):
+    """A Part 10 preamble may start with any signature (dual-personality files): the DICM marker
+    decides, as in the sniffer, or a whole DICOM is walked as a PNG and held as 'cut'."""
+    data = to_bytes(chest_dataset(128, seed=2))
+    data = preamble + data[len(preamble):]
+    assert incomplete(io.BytesIO(data), len(data)) is None
+    cut = data[:-5]
+    assert "DICOM" in (incomplete(io.BytesIO(cut), len(cut)) or "")
+
+
 def test_completeness_of_other_content():
     ds = chest_dataset(320, seed=8)
     del ds.PixelData
