@@ -81,7 +81,7 @@ def pixel_fingerprint(path: Path, *, max_pixels: int) -> str:
     import numpy as np  # here, not at import: intake only decodes on a UID collision
     from pydicom.errors import InvalidDicomError
 
-    from cxr.dicom import read_dataset  # Part 10, or a bare data set (no file meta), as the worker reads it
+    from cxr.dicom import codestream_mismatch, read_dataset  # Part 10 or bare, as the worker reads it
 
     try:
         with Path(path).open("rb") as f:
@@ -92,6 +92,8 @@ def pixel_fingerprint(path: Path, *, max_pixels: int) -> str:
             ds.get("SamplesPerPixel") or 1)
         if declared > max_pixels:
             raise PixelsUnavailable(f"{declared} pixel values declared, above CXR_MAX_IMAGE_PIXELS={max_pixels}")
+        if (mismatch := codestream_mismatch(ds)) is not None:  # a small header over a huge codestream
+            raise PixelsUnavailable(mismatch)
         arr = np.asarray(ds.pixel_array)
     except PixelsUnavailable:
         raise

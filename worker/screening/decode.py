@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cxr.dicom import anatomy_fields, header_fields, read_dataset  # also sets pydicom's lenient reading
+from cxr.dicom import anatomy_fields, codestream_mismatch, header_fields, read_dataset  # also sets pydicom's lenient reading
 from cxr.formats import SNIFF_BYTES
 from cxr.formats import sniff as _sniff
 from worker.screening.gate import Code
@@ -360,6 +360,8 @@ def _dicom_pixels(ds: Any, *, voi: VoiOptions, frame: int) -> np.ndarray:
     decoder, err = _decoder_or_error(ts)
     if err is not None:
         raise err
+    if (mismatch := codestream_mismatch(ds)) is not None:
+        raise ImageDecodeError(Code.unreadable, mismatch)
     frames = int(ds.get("NumberOfFrames") or 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").upper()
     options: dict[str, Any] = {"index": frame} if frames > 1 else {}
