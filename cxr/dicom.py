@@ -223,7 +223,9 @@ def _text(value: Any) -> str | None:
         value = value.decode("ascii", "replace")
     if isinstance(value, (list, tuple, MultiValue)):
         value = "\\".join(str(v) for v in value)
-    s = str(value).strip().strip("\x00").strip()
+    # No NUL anywhere: DICOM pads with it, some writers embed it, and Postgres text cannot hold it
+    # (the study row could not be written: a 500, or a watched file retried for ever).
+    s = str(value).replace("\x00", "").strip()
     return s or None
 
 

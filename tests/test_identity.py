@@ -141,6 +141,17 @@ def test_dicom_metadata_stored_with_pseudonymised_patient_key_only(env):
     assert SECRET_PATIENT_ID not in dump and "Secretname" not in dump and SECRET_PATIENT_NAME not in dump
 
 
+def test_nul_bytes_inside_header_values_do_not_stop_intake(env):
+    """Some writers embed NUL in text values; Postgres text cannot hold it, so the study row
+    could not be written (a 500 from the API, a watched file retried for ever)."""
+    settings, _ = env
+    tags = dict(Manufacturer="ACME\x00CR", AccessionNumber="A\x00123", BodyPartExamined="CH\x00EST")
+    res = submit(env, to_bytes(chest_dataset(320, seed=62, **tags)), "nul.dcm")
+    (study,) = rows(settings, Study)
+    assert study.id == res.study_id and study.status == "queued"
+    assert (study.manufacturer, study.accession_number, study.body_part) == ("ACMECR", "A123", "CHEST")
+
+
 def test_configured_pseudonym_key_is_used_and_the_same_patient_links(tmp_path):
     settings = Settings(_env_file=None, home=tmp_path / "var", pseudonym_key="a-long-configured-secret-key")
     settings.ensure_dirs()
