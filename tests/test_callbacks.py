@@ -127,7 +127,7 @@ def test_addresses_only_the_sending_parser_sees_are_refused_at_submission_time(h
 # URLs urllib accepts but that can never be sent (httpx refuses them, or the resolver cannot encode the
 # name): refused at submission, and refused (not an unexpected exception, retried for ever) at send time.
 UNSENDABLE = ["http://\u2460\u2461\u2466.0.0.1/", "http://" + "a" * 64 + ".example.com/", "http://xn--zz.example/",
-              "http://a..b/", "http://ex\tample.com/"]
+              "http://a..b/", "http://ex\tample.com/", "http://hooks.example.org/a\x00b"]  # NUL: Postgres text too
 
 
 @pytest.mark.parametrize("url", UNSENDABLE)
