@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cxr import apikeys
 from cxr.db import repo
-from cxr.db.session import session_factory
+from cxr.db.session import database_problem, session_factory
 from cxr.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,12 @@ class ApiKeyAuth:
         try:
             allowed = await self._allowed(settings, key)
         except SQLAlchemyError as e:
-            log.error("cannot check an API key: the database is unreachable (%s)", type(e).__name__)
-            await _answer(scope, send, 503, "cannot check the API key: the database is unreachable; retry later",
-                          [(b"retry-after", b"5")])
+            # The sentence says what is wrong and what to run (cxr.db.session.database_problem):
+            # "no database at ...: run `cxr db upgrade`", "cannot reach Postgres at host:port ...".
+            problem = database_problem(settings.database_url, e)
+            why = str(problem) if problem is not None else "the database cannot be read; retry later"
+            log.error("cannot check an API key: %s", why)
+            await _answer(scope, send, 503, f"cannot check the API key: {why}", [(b"retry-after", b"5")])
             return
         if not allowed:
             await _answer(scope, send, 401, "missing or invalid X-API-Key", [(b"www-authenticate", b"APIKey")])

@@ -41,7 +41,7 @@ def _probe_engine(database_url: str):
                 "options": f"-c statement_timeout={CONNECT_TIMEOUT_SECONDS * 1000}"}
     else:
         args = {}
-    return create_engine(database_url, poolclass=NullPool, connect_args=args)
+    return create_engine(database_url, poolclass=NullPool, connect_args=args, hide_parameters=True)
 
 
 class HealthMonitor:

@@ -108,7 +108,8 @@ def address_problem(ip: IPAddress) -> str | None:
                 return f"an IPv6 address carrying {v4}, {problem}"
     checks = (
         ("unspecified", ip.is_unspecified), ("loopback", ip.is_loopback), ("link-local", ip.is_link_local),
-        ("multicast", ip.is_multicast), ("carrier-grade NAT (100.64.0.0/10)", ip.version == 4 and ip in _CGNAT),
+        ("multicast", ip.is_multicast), ("site-local (fec0::/10, RFC 3879)", ip.version == 6 and ip.is_site_local),
+        ("carrier-grade NAT (100.64.0.0/10)", ip.version == 4 and ip in _CGNAT),
         ("private", ip.is_private), ("reserved", ip.is_reserved), ("not globally routable", not ip.is_global),
         ("special-purpose, not globally reachable (RFC 6890)", any(ip.version == n.version and ip in n
                                                                     for n in _SPECIAL)),
@@ -147,6 +148,32 @@ def _split(url: str) -> tuple[str, str, int]:
     return parts.scheme, host, port or (443 if parts.scheme == "https" else 80)
 
 
+def _sent_host(url: str) -> str:
+    """The host as httpx, which sends the request, reads it (it maps some characters urllib keeps,
+    such as U+3002 to "."). Raises CallbackRefused for a URL httpx refuses, or whose host name
+    cannot be encoded for the resolver (IDNA, RFC 5891: empty or over-long labels, bad A-labels):
+    such a URL can never be delivered, so it is refused, not retried."""
+    try:
+        host = httpx.URL(url).host
+    except (ValueError, httpx.InvalidURL) as e:  # UnicodeError (IDNA) is a ValueError
+        raise CallbackRefused(f"the callback URL cannot be parsed ({type(e).__name__}); give an http(s) URL") \
+            from None
+    if not host:
+        raise CallbackRefused("the callback URL has no host")
+    if literal_address(host) is None:
+        _check_name(host)
+    return host
+
+
+def _check_name(host: str) -> None:
+    """Raises CallbackRefused when ``host`` cannot be encoded for the resolver (IDNA)."""
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise CallbackRefused("the callback URL's host is not a valid DNS name (an empty or over-long label, or "
+                              "a malformed internationalised name); give an http(s) URL") from None
+
+
 def _refused(host: str, ip: IPAddress, problem: str) -> CallbackRefused:
     shown = host.strip("[]")
     where = f"{shown} is " if shown == str(ip) else f"{shown} is {ip}, "
@@ -157,11 +184,19 @@ def _refused(host: str, ip: IPAddress, problem: str) -> CallbackRefused:
 
 def static_refusal(url: str, allow: AllowList) -> CallbackRefused | None:
     """What can be decided without DNS: the scheme, and a host that is a numeric address (any
-    spelling) or a ``localhost`` name. None: not refused yet (names are checked at send time)."""
+    spelling) or a ``localhost`` name, read both as urllib and as httpx (which sends) read it, and a
+    URL that can never be sent (httpx refuses it; the host name is not valid IDNA). None: not
+    refused yet (names are checked at send time)."""
     try:
         _scheme, host, _port = _split(url)
+        if (refusal := _host_refusal(host, allow)) is not None:
+            return refusal
+        return _host_refusal(_sent_host(url), allow)  # as httpx, which sends, reads it: it must pass too
     except CallbackRefused as e:
         return e
+
+
+def _host_refusal(host: str, allow: AllowList) -> CallbackRefused | None:
     if allow.allows_host(host):
         return None
     name = host.lower().rstrip(".")
@@ -182,6 +217,7 @@ def resolve_checked(host: str, port: int, allow: AllowList) -> IPAddress:
     if literal is not None:
         addresses = [literal]
     else:
+        _check_name(host)
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         addresses = [ipaddress.ip_address(sockaddr[0]) for *_rest, sockaddr in infos]
         if not addresses:
@@ -243,6 +279,8 @@ def post_json(url: str, body: dict[str, Any], *, allow: AllowList, deadline_seco
         status = asyncio.run(asyncio.wait_for(send(), timeout=deadline_seconds))
     except CallbackRefused:
         raise
+    except (httpx.InvalidURL, UnicodeError) as e:  # never deliverable: do not retry
+        raise CallbackRefused(f"the callback URL cannot be sent ({type(e).__name__}); give an http(s) URL") from None
     except (TimeoutError, asyncio.TimeoutError):
         raise AttemptFailed(f"no complete answer within {deadline_seconds:g} s (CXR_CALLBACK_DEADLINE_SECONDS)") \
             from None

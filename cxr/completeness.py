@@ -11,9 +11,13 @@ taken for finished ends early, and its format usually says so.
 - DICOM Part 10 (PS3.10 section 7.1, PS3.5 sections 7.1, 7.5 and A.4): the file meta group
   gives the transfer syntax, then every top-level data element is walked by its length;
   undefined lengths (sequences, encapsulated pixel data) are followed item by item to their
-  Sequence Delimitation Item. Complete when the last element ends exactly at the end of the
-  file, and, for an image (Rows present), Pixel Data was reached. A deflated data set
+  Sequence Delimitation Item. Complete when the top-level Pixel Data element ends inside the
+  file (what follows it, such as trailing padding or a stray byte some writers append, is not
+  needed to screen the film and is not checked), or else when the last element ends exactly
+  at the end of the file and, for an image (Rows present), Pixel Data was reached. A deflated data set
   (1.2.840.10008.1.2.1.99) is complete when its deflate stream ends.
+- A bare DICOM data set (no preamble, 'DICM' or file meta; ``cxr.dicom.bare_dicom_encoding``)
+  is walked the same way in the implicit or explicit VR little endian its elements show.
 - Anything else is complete unless it is empty or too short to be told apart from the
   start of one of these (under 132 bytes, the DICOM preamble and prefix).
 
@@ -27,6 +31,8 @@ from __future__ import annotations
 import struct
 import zlib
 from typing import BinaryIO
+
+from cxr.dicom import SNIFF_BYTES, bare_dicom_encoding
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -59,13 +65,17 @@ def incomplete(f: BinaryIO, size: int) -> str | None:
     f.seek(0)
     head = f.read(DICOM_PREFIX_END)
     try:
+        # 'DICM' first: a Part 10 preamble may hold anything, a PNG or JPEG signature included (PS3.10 7.1).
+        if len(head) >= DICOM_PREFIX_END and head[128:132] == b"DICM":
+            return _dicom(f, size)
         if head.startswith(PNG_MAGIC):
             return _png(f, size)
         if head.startswith(JPEG_MAGIC):
             f.seek(0)
             return _jpeg(f.read())
-        if len(head) >= DICOM_PREFIX_END and head[128:132] == b"DICM":
-            return _dicom(f, size)
+        f.seek(0)
+        if (encoding := bare_dicom_encoding(f.read(SNIFF_BYTES))) is not None:
+            return _bare_dicom(f, size, implicit=encoding == "implicit")
     except _Cut as cut:
         return str(cut)
     except _Odd:
@@ -181,6 +191,15 @@ def _dicom(f: BinaryIO, size: int) -> None:
     return None
 
 
+def _bare_dicom(f: BinaryIO, size: int, *, implicit: bool) -> None:
+    """A bare data set (no preamble, 'DICM' or file meta; little endian, as cxr.dicom reads it)."""
+    f.seek(0)
+    seen = _walk(f, size, implicit=implicit, endian="<", depth=0)
+    if _ROWS in seen and not seen & _PIXEL_TAGS:
+        raise _Cut("the DICOM data set ends before its Pixel Data")
+    return None
+
+
 def _walk(f: BinaryIO, size: int, *, implicit: bool, endian: str, depth: int) -> set[int]:
     """Walk data elements to the end of the file (depth 0) or to an Item Delimitation Item."""
     if depth > _MAX_DEPTH:
@@ -217,6 +236,8 @@ def _walk(f: BinaryIO, size: int, *, implicit: bool, endian: str, depth: int) ->
                 raise _Cut(f"the DICOM file ends inside element ({group:04X},{elem:04X}): {size - f.tell()} of "
                            f"its {length} bytes are there")
             f.seek(end)
+        if depth == 0 and tag in _PIXEL_TAGS:
+            return seen  # the image is whole: what follows (padding, an odd trailing byte) is not needed
 
 
 def _items(f: BinaryIO, size: int, *, implicit: bool, endian: str, depth: int, tag: int) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import pydicom
 import pydicom.config
+import pydicom.encaps
 from pydicom.datadict import dictionary_has_tag
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -127,26 +128,92 @@ def is_any_dicom(head: bytes) -> bool:
     return is_dicom(head) or bare_dicom_encoding(head) is not None
 
 
-def read_dataset(fp: Any, *, stop_before_pixels: bool = False) -> tuple[pydicom.Dataset, bool]:
-    """(data set, bare): a Part 10 file, or a bare data set read with ``force=True``. For a bare
-    one the inferred transfer syntax (implicit or explicit VR little endian, from the data set's
-    own encoding) is put in its file meta, so it decodes like any other file.
+def read_dataset(fp: Any, *, stop_before_pixels: bool = False) -> tuple[pydicom.Dataset, bool, bool]:
+    """(data set, bare, inferred): a Part 10 file, or a bare data set read with ``force=True``.
+    When the file meta holds no Transfer Syntax UID (a bare data set, or a Part 10 file whose
+    writer left (0002,0010) out; PS3.10 7.1 requires it), the syntax is inferred from the data
+    set's own encoding (implicit or explicit VR little endian), put in its file meta so it
+    decodes like any other file, and ``inferred`` is True.
     Raises InvalidDicomError and what pydicom raises for a corrupt file."""
     head = fp.read(DICM_OFFSET + 4)
     fp.seek(0)
     bare = not is_dicom(head)
     ds = pydicom.dcmread(fp, force=bare, stop_before_pixels=stop_before_pixels)
-    if bare:
-        meta = getattr(ds, "file_meta", None)
-        if meta is None:
-            meta = ds.file_meta = pydicom.dataset.FileMetaDataset()
-        if not meta.get("TransferSyntaxUID"):
-            implicit, little = ds.original_encoding
-            if not little:
-                raise InvalidDicomError("a bare data set in big endian is not supported")
-            meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit
-                                      else pydicom.uid.ExplicitVRLittleEndian)
-    return ds, bare
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = ds.file_meta = pydicom.dataset.FileMetaDataset()
+    inferred = not meta.get("TransferSyntaxUID")
+    if inferred:
+        implicit, little = ds.original_encoding
+        if not little:
+            raise InvalidDicomError("a data set in big endian without a Transfer Syntax UID is not supported")
+        meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit
+                                  else pydicom.uid.ExplicitVRLittleEndian)
+    return ds, bare, inferred
+
+
+# Encapsulated syntaxes whose codestream declares its own image size (PS3.5 8.2, A.4).
+_JPEG_FAMILY = ("1.2.840.10008.1.2.4.5", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.8")
+_J2K_FAMILY = ("1.2.840.10008.1.2.4.9", "1.2.840.10008.1.2.4.20")
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}  # SOFn (T.81 B.1.1.3), SOF55 (JPEG-LS)
+
+
+def codestream_size(first_fragment: bytes, transfer_syntax: str) -> tuple[int, int, int] | None:
+    """(columns, rows, components) as the compressed codestream itself declares them: the JPEG
+    or JPEG-LS SOF segment (ITU-T T.81 B.2.2, T.87 C.2.2), or the JPEG 2000 / HTJ2K SIZ
+    segment (ITU-T T.800 A.5.1: Xsiz - XOsiz, Ysiz - YOsiz, Csiz). None when the syntax has
+    no such header or it is not found in the first fragment (the decoder then decides)."""
+    ts = str(transfer_syntax)
+    data = bytes(first_fragment[:65536])
+    if ts.startswith(_J2K_FAMILY):
+        at = data.find(b"\xff\x4f\xff\x51")  # SOC then SIZ (a JP2 wrapper may come first)
+        if at < 0 or len(data) < at + 42:
+            return None
+        xsiz, ysiz, xosiz, yosiz = (int.from_bytes(data[at + 8 + 4 * i:at + 12 + 4 * i], "big") for i in range(4))
+        csiz = int.from_bytes(data[at + 40:at + 42], "big")
+        return max(0, xsiz - xosiz), max(0, ysiz - yosiz), csiz
+    if ts.startswith(_JPEG_FAMILY):
+        i = 2 if data[:2] == b"\xff\xd8" else -1
+        while 0 < i and i + 10 <= len(data):
+            if data[i] != 0xFF:
+                return None
+            marker = data[i + 1]
+            if marker == 0xFF:
+                i += 1
+                continue
+            if marker in _SOF:
+                return (int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big"),
+                        data[i + 9])
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+                i += 2
+                continue
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def codestream_mismatch(ds: pydicom.Dataset) -> str | None:
+    """A sentence when the first frame's compressed codestream declares more pixels than the
+    header's Rows x Columns x Samples per Pixel (PS3.5 8.2 requires them to agree), else None.
+    Checked before decoding: a decoder allocates what the codestream says, so a small header
+    over a huge codestream would go around every limit taken from the header."""
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if not ts or not str(ts).startswith(_JPEG_FAMILY + _J2K_FAMILY) or "PixelData" not in ds:
+        return None
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+        fragments = next(pydicom.encaps.generate_fragmented_frames(ds.PixelData, number_of_frames=frames))
+        size = codestream_size(fragments[0], str(ts))
+    except (StopIteration, ValueError, TypeError, KeyError, IndexError, AttributeError, EOFError):
+        return None  # the decoder reports a broken encapsulation with its own reason
+    rows, cols, samples = ds.get("Rows"), ds.get("Columns"), int(ds.get("SamplesPerPixel") or 1)
+    if size is None or not isinstance(rows, int) or not isinstance(cols, int):
+        return None
+    width, height, components = size
+    if width * height * max(1, components) <= cols * rows * max(1, samples):
+        return None
+    return (f"the compressed image declares {width}x{height} pixels with {components} component(s), more than the "
+            f"{cols}x{rows} with {samples} the header gives; the file is inconsistent (corrupt or crafted) and is "
+            "refused before decoding, send it again")
 
 
 def _text(value: Any) -> str | None:
@@ -156,7 +223,9 @@ def _text(value: Any) -> str | None:
         value = value.decode("ascii", "replace")
     if isinstance(value, (list, tuple, MultiValue)):
         value = "\\".join(str(v) for v in value)
-    s = str(value).strip().strip("\x00").strip()
+    # No NUL anywhere: DICOM pads with it, some writers embed it, and Postgres text cannot hold it
+    # (the study row could not be written: a 500, or a watched file retried for ever).
+    s = str(value).replace("\x00", "").strip()
     return s or None
 
 
@@ -251,7 +320,7 @@ def read_header(source: Path | bytes, *, key: bytes) -> DicomHeader | None:
 
 def _read(fp: Any, key: bytes) -> DicomHeader | None:
     try:
-        ds, _bare = read_dataset(fp, stop_before_pixels=True)
+        ds, _bare, _inferred = read_dataset(fp, stop_before_pixels=True)
         fields = header_fields(ds)
         pid = _text(ds.get("PatientID"))
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:

@@ -72,23 +72,28 @@ def pixel_fingerprint(path: Path, *, max_pixels: int) -> str:
     decoded (pydicom turns YBR into RGB) and the pixel values as little-endian int64 (or
     float64 for float pixel data), so every lossless transfer syntax of one image (PS3.5
     section 10: implicit/explicit VR, deflated, big endian, RLE, JPEG-LS/J2K/JPEG lossless)
-    gives the same digest and any changed pixel a different one.
+    gives the same digest and any changed pixel a different one. A bare data set (no Part 10
+    header) is read as the worker reads it (``cxr.dicom.read_dataset``).
 
     Raises :class:`PixelsUnavailable` when the file has no decodable pixel data (not DICOM,
     no Pixel Data, corrupt, no codec installed) or declares more than ``max_pixels`` values
     (checked from the header before decoding)."""
     import numpy as np  # here, not at import: intake only decodes on a UID collision
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
+    from cxr.dicom import codestream_mismatch, read_dataset  # Part 10 or bare, as the worker reads it
+
     try:
-        ds = pydicom.dcmread(path)
+        with Path(path).open("rb") as f:
+            ds, _bare, _inferred = read_dataset(f)
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             raise PixelsUnavailable("no pixel data")
         declared = int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames") or 1) * int(
             ds.get("SamplesPerPixel") or 1)
         if declared > max_pixels:
             raise PixelsUnavailable(f"{declared} pixel values declared, above CXR_MAX_IMAGE_PIXELS={max_pixels}")
+        if (mismatch := codestream_mismatch(ds)) is not None:  # a small header over a huge codestream
+            raise PixelsUnavailable(mismatch)
         arr = np.asarray(ds.pixel_array)
     except PixelsUnavailable:
         raise

@@ -116,6 +116,29 @@ def test_forbidden_addresses_are_refused_at_submission_time(host):
     assert "callback refused" in str(refusal) and "CXR_CALLBACK_ALLOW" in str(refusal)
 
 
+# Spellings only the sending parser (httpx) reads as an address: ideographic full stops (IDNA
+# maps U+3002 to "."), deprecated site-local IPv6.
+@pytest.mark.parametrize("host", ["127\u30020\u30020\u30021", "10\uff0e0\uff0e0\uff0e1", "[fec0::1]"])
+def test_addresses_only_the_sending_parser_sees_are_refused_at_submission_time(host):
+    refusal = static_refusal(f"http://{host}:8080/hook", NO_ALLOW)
+    assert isinstance(refusal, CallbackRefused) and "callback refused" in str(refusal), host
+
+
+# URLs urllib accepts but that can never be sent (httpx refuses them, or the resolver cannot encode the
+# name): refused at submission, and refused (not an unexpected exception, retried for ever) at send time.
+UNSENDABLE = ["http://\u2460\u2461\u2466.0.0.1/", "http://" + "a" * 64 + ".example.com/", "http://xn--zz.example/",
+              "http://a..b/", "http://ex\tample.com/", "http://hooks.example.org/a\x00b"]  # NUL: Postgres text too
+
+
+@pytest.mark.parametrize("url", UNSENDABLE)
+def test_unsendable_urls_are_refused_not_crashed_on(url):
+    assert isinstance(static_refusal(url, NO_ALLOW), CallbackRefused), url
+    with pytest.raises(CallbackRefused):
+        post_json(url, {"x": 1}, allow=NO_ALLOW, deadline_seconds=2)
+    with pytest.raises(CallbackRefused):  # the transport's own check, when the static one is bypassed
+        resolve_checked("a" * 64 + ".example.com", 80, NO_ALLOW)
+
+
 @pytest.mark.parametrize("url", ["http://93.184.216.34/hook", "https://hooks.example.org/x?y=1",
                                  "http://[2606:4700:4700::1111]/"])
 def test_public_addresses_and_names_pass_the_static_check(url):

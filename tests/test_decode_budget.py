@@ -132,8 +132,11 @@ def screener_factory(tiny_bundle):
     loaded = load_bundle(tiny_bundle, device="cpu")
 
     def make(budget_mb: float, **overrides):
-        settings = Settings(checkpoint=tiny_bundle, decode_budget_mb=budget_mb, engine="torch", max_batch=1,
-                            gate_min_size=64, heatmaps="none", **overrides)
+        # The deflated files here are uniform (they compress to almost nothing), which the gate
+        # refuses as blank_image after decoding: the budget is what these tests are about.
+        opts = dict(checkpoint=tiny_bundle, decode_budget_mb=budget_mb, engine="torch", max_batch=1,
+                    gate_min_size=64, heatmaps="none", gate_blank_image=False)
+        settings = Settings(**{**opts, **overrides})
         return Screener(loaded, screen_options(settings))
 
     return make
@@ -171,8 +174,59 @@ def test_one_file_over_the_whole_budget_is_too_large_and_not_decoded(screener_fa
     assert screener.budget.peak == decoded_bytes(big[0]) <= screener.budget.total
 
 
+@pytest.mark.parametrize("implicit", [True, False])
+def test_a_bare_data_set_is_budgeted_like_any_dicom(implicit, screener_factory):
+    """A bare data set (no preamble, 'DICM' or file meta) is screened like a Part 10 file, so its
+    decoded bytes must count too (they were unknown, and the file went around the budget)."""
+    from tests.test_dicom_readers import bare
+
+    ds = chest_dataset(1024, seed=3)  # 12 bits in 16: 2 MB decoded
+    data = bare(ds, implicit=implicit)
+    assert decoded_bytes(data) == 1024 * 1024 * 2 == decoded_bytes(to_bytes(ds))
+    outcome = screener_factory(1).screen(data)  # a 1 MB budget: more than the whole of it
+    assert (outcome.status, outcome.reject_code) == ("rejected", "too_large"), outcome.error
+
+
 def test_the_worker_and_predict_get_the_budget_from_the_settings():
     from worker.service import screen_options
 
     assert screen_options(Settings(decode_budget_mb=64)).decode_budget_bytes == 64 * MB
     assert Settings().decode_budget_mb == 512
+
+
+@pytest.mark.parametrize("key", ["j2k", "jpeg_ls", "jpeg_lossless", "jpeg_extended"])
+def test_a_codestream_larger_than_its_header_is_refused_before_decoding(key, tmp_path):
+    """Rows and Columns say 128 x 128, the compressed codestream 1024 x 1024: decoders allocate
+    what the codestream says, so the budget (taken from the header) would not see it. The file
+    is refused as inconsistent before any decoding, by the worker and by intake's pixel compare."""
+    import tracemalloc
+
+    import pydicom
+
+    from cxr.identity import PixelsUnavailable, pixel_fingerprint
+    from tests.dicomgen import encode, missing_encoder
+    from worker.screening.pipeline import gated_pixels
+
+    if (why := missing_encoder(key)) is not None:
+        pytest.skip(why)
+    ds = pydicom.dcmread(io.BytesIO(encode(chest_dataset(1024, seed=5), key)))
+    ds.Rows = ds.Columns = 128
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    data = out.getvalue()
+    assert decoded_bytes(data) == 128 * 128 * 2
+    tracemalloc.start()
+    try:
+        with pytest.raises(Exception) as e:
+            gated_pixels(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert getattr(e.value, "code", None) == "unreadable" and "1024x1024" in str(e.value), e.value
+    assert peak < 2 * len(data) + 4 * MB, peak  # nothing the size of the 1024 x 1024 image was made
+    path = tmp_path / "f.dcm"
+    path.write_bytes(data)
+    with pytest.raises(PixelsUnavailable, match="1024x1024"):
+        pixel_fingerprint(path, max_pixels=80_000_000)
+    # The consistent file still decodes.
+    assert gated_pixels(encode(chest_dataset(1024, seed=5), key))[0].shape == (1024, 1024)

@@ -66,6 +66,31 @@ def test_a_bare_data_set_is_recognised_screened_and_noted(implicit, group_length
     assert header is not None and header.sop_instance_uid == ds.SOPInstanceUID
 
 
+def part10_without_syntax(ds, *, implicit: bool) -> bytes:
+    """A Part 10 file (preamble, 'DICM', file meta) whose file meta lacks (0002,0010) Transfer
+    Syntax UID, as some writers leave it out; the data set in implicit or explicit VR LE."""
+    ds = copy.deepcopy(ds)
+    del ds.file_meta.TransferSyntaxUID
+    ds.preamble = b"\0" * 128
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=False, implicit_vr=implicit, little_endian=True)
+    data = buf.getvalue()
+    assert data[128:132] == b"DICM" and b"1.2.840.10008.1.2" not in data[132:400]
+    return data
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_a_part10_file_without_a_transfer_syntax_is_screened_and_noted(implicit):
+    ds = chest_dataset(SIZE, seed=8)
+    data = part10_without_syntax(ds, implicit=implicit)
+    pixels, meta = gated_pixels(data)
+    assert np.array_equal(pixels, decode(to_bytes(ds)).pixels)
+    assert meta["transfer_syntax"] == (ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian)
+    assert meta["notes"][0].startswith("dicom_no_meta: ") and "Transfer Syntax UID" in meta["notes"][0]
+    header = read_header(data, key=KEY)
+    assert header is not None and header.sop_instance_uid == ds.SOPInstanceUID
+
+
 def test_text_and_other_files_are_not_taken_for_bare_dicom():
     rng = np.random.default_rng(0)
     samples = [b"Patient notes: not an image at all\n" * 20, b"DICOM? no, just text pretending\n" * 20,

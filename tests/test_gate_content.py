@@ -138,6 +138,34 @@ def test_no_real_or_realistic_chest_film_is_blank():
         assert not meta.get("notes"), (name, meta.get("notes"))  # and none is taken for a negative
 
 
+def marked_16bit_films() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """12-bit films in 16-bit PNGs with burned-in graphics at the container's top (or bottom)
+    value: name -> (the marked stored values, the mask of the marks)."""
+    film = chest_like(512, seed=4, bits=12).astype(np.uint16)
+    out = {}
+    for name, (rows, cols), value in (("label_65535", (slice(8, 20), slice(8, 60)), 65535),
+                                      ("border_65535", (slice(None), slice(0, 2)), 65535),
+                                      ("marker_40000", (slice(480, 500), slice(480, 500)), 40000)):
+        marked, mask = film.copy(), np.zeros(film.shape, bool)
+        marked[rows, cols], mask[rows, cols] = value, True
+        out[name] = (marked, mask)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(marked_16bit_films()))
+def test_burned_in_marks_at_the_top_value_do_not_darken_a_16bit_png(name):
+    """Like a DICOM without a window, a 16-bit PNG is shown over its robust (0.5-99.5 %) range,
+    so a few marked pixels at 65535 do not squeeze a 12-bit film into 1/16 of the grey levels
+    (it was then refused as blank_image, or scored almost black)."""
+    marked, mask = marked_16bit_films()[name]
+    pixels, meta = gated_pixels(png16(marked))
+    lo, hi = np.percentile(marked, [0.5, 99.5])  # the rendering, computed here
+    expected = np.clip((marked.astype(np.float64) - lo) / (hi - lo), 0, 1)
+    np.testing.assert_allclose(pixels, expected, atol=1e-5)
+    clean = gated_pixels(png16(chest_like(512, seed=4, bits=12)))[0]
+    assert float(np.abs(pixels - clean)[~mask].max()) < 0.1 and not meta.get("notes")  # was ~0.9 darker
+
+
 def test_blank_rule_can_be_turned_off():
     data = blank_files()["grey.png"]
     pixels, _ = gated_pixels(data, ScreenOptions(gate=GateRules(blank_image=False)))
@@ -211,6 +239,30 @@ def test_polarity_scores_separate_films_from_their_negatives():
     for pos in [rg1] + [chest_like(s_, seed=k) / 255.0 for k in range(4) for s_ in (224, 600)]:
         assert polarity_score(pos) > POLARITY_THRESHOLD
         assert polarity_score(1.0 - pos) < -POLARITY_THRESHOLD
+
+
+def sideways_films() -> dict[str, bytes]:
+    """Positive films sent rotated by a right angle: pixels stored sideways (PNG), or stored
+    upright with an EXIF Orientation that turns them (JPEG, applied on decoding)."""
+    rg1 = rg1_pixels()
+    out = {f"RG1_rot{k * 90}.png": png_bytes(to8(np.rot90(rg1, k))) for k in (1, 3)}
+    for seed in range(3):
+        out[f"chest{seed}_rot90.png"] = png_bytes(np.ascontiguousarray(np.rot90(chest_like(SIZE, seed=seed))))
+    for orientation in (6, 8):  # 90 degrees clockwise / counter-clockwise on display
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        for name, arr in (("RG1", to8(rg1)), ("chest0", chest_like(SIZE, seed=0))):
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="JPEG", quality=92, exif=exif.tobytes())
+            out[f"{name}_exif{orientation}.jpg"] = buf.getvalue()
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(sideways_films()))
+def test_a_positive_film_sent_sideways_is_not_taken_for_a_negative(name):
+    pixels, meta = gated_pixels(sideways_films()[name])
+    assert not meta.get("notes"), meta.get("notes")
+    assert np.array_equal(pixels, decode(sideways_films()[name]).pixels)  # screened as sent, not inverted
 
 
 def test_dicom_photometric_interpretation_stays_authoritative():

@@ -141,6 +141,17 @@ def test_dicom_metadata_stored_with_pseudonymised_patient_key_only(env):
     assert SECRET_PATIENT_ID not in dump and "Secretname" not in dump and SECRET_PATIENT_NAME not in dump
 
 
+def test_nul_bytes_inside_header_values_do_not_stop_intake(env):
+    """Some writers embed NUL in text values; Postgres text cannot hold it, so the study row
+    could not be written (a 500 from the API, a watched file retried for ever)."""
+    settings, _ = env
+    tags = dict(Manufacturer="ACME\x00CR", AccessionNumber="A\x00123", BodyPartExamined="CH\x00EST")
+    res = submit(env, to_bytes(chest_dataset(320, seed=62, **tags)), "nul.dcm")
+    (study,) = rows(settings, Study)
+    assert study.id == res.study_id and study.status == "queued"
+    assert (study.manufacturer, study.accession_number, study.body_part) == ("ACMECR", "A123", "CHEST")
+
+
 def test_configured_pseudonym_key_is_used_and_the_same_patient_links(tmp_path):
     settings = Settings(_env_file=None, home=tmp_path / "var", pseudonym_key="a-long-configured-secret-key")
     settings.ensure_dirs()
@@ -211,6 +222,25 @@ def test_a_lossless_transcoding_is_still_a_resend(env, syntax):
     files = rows(settings, StudyFile)
     assert len(files) == 2 and len({f.pixel_sha256 for f in files}) == 1 and files[0].pixel_sha256
     assert queued(settings) == 1
+
+
+@pytest.mark.parametrize("form", ["bare_implicit", "bare_explicit", "part10_without_syntax"])
+def test_a_resend_without_its_part10_header_is_still_a_resend(env, form):
+    """The same film again as a bare data set (no preamble, 'DICM' or file meta) or with a file
+    meta that lacks its Transfer Syntax UID: the worker reads both, so their pixels are compared
+    as its (they were 'pixels that could not be compared': a conflict, screened twice)."""
+    from tests.test_dicom_readers import bare, part10_without_syntax
+
+    settings, _ = env
+    ds = chest_dataset(320, seed=61)
+    first = submit(env, to_bytes(ds), "film.dcm")
+    data = (part10_without_syntax(ds, implicit=True) if form == "part10_without_syntax"
+            else bare(ds, implicit=form == "bare_implicit"))
+    again = submit(env, data, f"film-{form}.dcm", "api")
+    assert (again.study_id, again.duplicate, again.marker, again.created) == (
+        first.study_id, "same_sop_instance", None, False)
+    files = rows(settings, StudyFile)
+    assert len(files) == 2 and len({f.pixel_sha256 for f in files}) == 1 and files[0].pixel_sha256
 
 
 CONFLICTS = {

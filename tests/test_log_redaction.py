@@ -160,3 +160,23 @@ def test_uvicorn_access_lines_keep_their_shape_and_are_redacted():
     line = stream.getvalue()
     assert "GET /worklist?PatientName=" in line and '" 200' in line
     assert "SMITHSECRET" not in line and line.count("\n") == 1
+
+
+def test_a_failed_statement_does_not_quote_its_parameters(tmp_path):
+    """SQLAlchemy puts a failed statement's parameters (a file name, an accession number) in
+    its error message, which intake logs ("intake of a file failed (...)") and routes turn into
+    sentences: the engines are made with hide_parameters, so they never are."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    from cxr.db.session import make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'p.db'}", pool_size=1)
+    with engine.begin() as c:
+        c.execute(text("CREATE TABLE t (name VARCHAR(64) NOT NULL UNIQUE)"))
+        c.execute(text("INSERT INTO t VALUES (:n)"), {"n": "SMITHSECRET^JOHN.dcm"})
+    with pytest.raises(IntegrityError) as e:
+        with engine.begin() as c:
+            c.execute(text("INSERT INTO t VALUES (:n)"), {"n": "SMITHSECRET^JOHN.dcm"})
+    assert "UNIQUE" in str(e.value) and "SMITHSECRET" not in str(e.value)
+    engine.dispose()

@@ -50,6 +50,14 @@ def make_state(kind: str, tmp_path, request) -> tuple[str, str]:
     if kind == "empty_file":  # `cxr up` has just created the file
         path.write_bytes(b"")
         return url, "has no schema yet: run `cxr db upgrade` or `cxr up`"
+    if kind in ("not_a_database", "damaged"):  # another file in its place, or a database cut short
+        if kind == "not_a_database":
+            path.write_bytes(bytes(range(256)) * 20)
+        else:
+            upgrade(url)
+            data = path.read_bytes()
+            path.write_bytes(data[:100] + b"\xff" * (len(data) - 100))  # header kept, pages overwritten
+        return url, "is not a SQLite database or is damaged"
     if kind == "first_migration_running":  # alembic made its version table, no revision yet
         _sql(url, "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)")
         return url, "has no schema yet"
@@ -67,7 +75,7 @@ def make_state(kind: str, tmp_path, request) -> tuple[str, str]:
     raise KeyError(kind)
 
 
-KINDS = ["missing", "empty_file", "first_migration_running", "older_revision", "newer_revision",
+KINDS = ["missing", "empty_file", "not_a_database", "damaged", "first_migration_running", "older_revision", "newer_revision",
          "unreachable_postgres", pytest.param("postgres_no_schema", marks=pytest.mark.distributed),
          pytest.param("postgres_older_revision", marks=pytest.mark.distributed)]
 

@@ -136,6 +136,25 @@ def test_temporary_names_of_every_common_convention_are_ignored(monkeypatch):
     assert is_candidate(Path("film.dcm"), extra)
 
 
+def test_files_inside_temporary_or_hidden_folders_are_ignored(tmp_path, monkeypatch):
+    """A browser or safe-save writes inside a folder with a temporary name (Safari's
+    "film.dcm.download/film.dcm", macOS "*.sb-*", a ".tmp" staging folder) and moves the
+    file out when done: nothing in such a folder is taken in, by events or by the scan."""
+    monkeypatch.setenv("CXR_WATCH_IGNORE", "staging_*")
+    settings, w = make_watcher(tmp_path)
+    inbox = settings.inbox
+    inside = ["film.dcm.download/film.dcm", "upload.tmp/a.png", "folder.sb-1a2b-Cd3/film.dcm", ".sync/film.dcm",
+              "site/film.partial/IM0001", "staging_01/film.dcm"]
+    outside = ["film.dcm", "site/ward 3/IM0001", "download/film.png", "tmp/film.jpg"]
+    for rel in inside + outside:
+        (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
+        (inbox / rel).write_bytes(b"x")
+    assert [r for r in inside if w.wanted(inbox / r)] == []
+    assert [r for r in outside if not w.wanted(inbox / r)] == []
+    w.scan()
+    assert sorted(str(p.relative_to(inbox)) for p in w._pending) == sorted(outside)
+
+
 @pytest.mark.parametrize("kind", ["png", "jpeg", "dicom", "j2k", "rle", "jpeg_ls", "deflated", "implicit",
                                   "big_endian"])
 def test_completeness_finds_every_cut(kind):
@@ -148,6 +167,52 @@ def test_completeness_finds_every_cut(kind):
     padding = {len(data) - 1} if kind == "deflated" else set()
     missed = [n for n in cuts if incomplete(io.BytesIO(data[:n]), n) is None and n not in padding]
     assert missed == [], f"{kind}: cuts at {missed[:10]} look complete"
+
+
+@pytest.mark.parametrize("kind", ["dicom", "j2k", "rle", "implicit", "big_endian"])
+@pytest.mark.parametrize("trailer", [b"\0", b"\0\0\0", b"\r\n", b"trailer", b"-- end of file --\n", b"\0" * 513],
+                         ids=["odd_zero", "three_zeros", "crlf", "7_bytes_text", "text_line", "513_zeros"])
+def test_bytes_after_the_pixel_data_do_not_make_a_dicom_look_cut(kind, trailer):
+    """Writers and transfer tools that append a stray byte, a line end or sector padding after
+    the data set leave a film the worker screens: it must not wait CXR_WATCH_STALLED_SECONDS
+    and end in the errors folder as 'cut short'. A cut inside the Pixel Data still shows."""
+    from worker.screening.pipeline import gated_pixels
+
+    data = film(kind, seed=9) + trailer
+    assert incomplete(io.BytesIO(data), len(data)) is None
+    gated_pixels(data)  # and the worker does screen it
+    cut = film(kind, seed=9)[:-3]
+    assert incomplete(io.BytesIO(cut), len(cut)) is not None
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_completeness_finds_cuts_of_a_bare_data_set(implicit):
+    """A bare DICOM data set (no preamble, 'DICM' or file meta) is taken in by the watcher like
+    any DICOM, so a stalled copy of one must look cut too (it was called complete, taken in
+    truncated and deleted from the inbox while its writer still held it)."""
+    from tests.test_dicom_readers import bare
+
+    data = bare(chest_dataset(128, seed=3), implicit=implicit)
+    assert incomplete(io.BytesIO(data), len(data)) is None
+    assert incomplete(io.BytesIO(data + b"\0"), len(data) + 1) is None
+    cuts = sorted({*range(256, 700), *np.linspace(700, len(data) - 1, 300).astype(int),
+                   *range(len(data) - 300, len(data))})
+    missed = [n for n in cuts if incomplete(io.BytesIO(data[:n]), n) is None]
+    # Only a cut exactly between two header elements before Rows cannot be told from a whole
+    # object without pixels (an SR, say): a handful of byte positions in the first few hundred.
+    assert len(missed) <= 8 and all(n < 600 for n in missed), missed
+
+
+@pytest.mark.parametrize("preamble", [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"PK\x03\x04", b"II*\x00"],
+                         ids=["png", "jpeg", "zip", "tiff"])
+def test_completeness_checks_dicm_before_other_signatures(preamble):
+    """A Part 10 preamble may start with any signature (dual-personality files): the DICM marker
+    decides, as in the sniffer, or a whole DICOM is walked as a PNG and held as 'cut'."""
+    data = to_bytes(chest_dataset(128, seed=2))
+    data = preamble + data[len(preamble):]
+    assert incomplete(io.BytesIO(data), len(data)) is None
+    cut = data[:-5]
+    assert "DICOM" in (incomplete(io.BytesIO(cut), len(cut)) or "")
 
 
 def test_completeness_of_other_content():

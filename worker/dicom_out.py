@@ -249,7 +249,7 @@ def write_outputs(outbox: Path, *, name: str, source_path: Path, findings: Findi
     from cxr.dicom import read_dataset  # Part 10, or a bare data set (no file meta)
 
     with source_path.open("rb") as f:
-        source, _bare = read_dataset(f, stop_before_pixels=True)
+        source, _bare, _inferred = read_dataset(f, stop_before_pixels=True)
     outbox.mkdir(parents=True, exist_ok=True)
     written = [_write_atomic(build_sr(source, findings), outbox / f"{name}.SR.dcm")]
     if overlay_path is not None:

@@ -19,7 +19,8 @@ When is a file ready? Only when nobody is writing it:
   ``CXR_WATCH_STALLED_SECONDS``: a lost event or a dead writer).
 
 Temporary names (``.part``, ``.filepart``, ``.crdownload``, ``.tmp``, ``~``, dot-files,
-``.~lock.*``, ``*.sb-*``, ...) and ``CXR_WATCH_IGNORE`` globs are never taken in. Only
+``.~lock.*``, ``*.sb-*``, ...) and ``CXR_WATCH_IGNORE`` globs are never taken in, nor is
+anything inside a folder with such a name (Safari downloads into ``film.dcm.download/``). Only
 regular files are: a FIFO, socket, device or symbolic link is logged once and left alone;
 a file over ``CXR_MAX_UPLOAD_MB`` is moved to the errors folder with its reason.
 
@@ -138,16 +139,17 @@ class InboxWatcher:
     # Which paths -----------------------------------------------------------------------
 
     def wanted(self, path: Path) -> bool:
-        """A path the watcher may take in: inside the inbox, not under a hidden folder, the errors
-        folder or the archive, and not a temporary name."""
+        """A path the watcher may take in: inside the inbox, not under the errors folder or the
+        archive, and neither its name nor any folder between it and the inbox a hidden or
+        temporary name (:func:`is_candidate`)."""
         try:
             rel = path.relative_to(self.inbox)
         except ValueError:
             return False
         if any(path == d or d in path.parents for d in self._excluded):
             return False
-        if any(part.startswith(".") for part in rel.parts[:-1]):
-            return False
+        if not all(is_candidate(Path(part), self.settings.watch_ignore) for part in rel.parts[:-1]):
+            return False  # under a hidden or temporary folder (a browser's "film.dcm.download/", ".sb-*")
         return bool(rel.parts) and is_candidate(path, self.settings.watch_ignore)
 
     def tag(self, path: Path) -> str:
@@ -208,10 +210,12 @@ class InboxWatcher:
             self._pending.pop(path, None)
 
     def scan(self) -> None:
-        """Notice every entry in the inbox (hidden folders, the errors folder and the archive skipped)."""
+        """Notice every entry in the inbox (hidden and temporary folders, the errors folder and the
+        archive skipped)."""
         for root, dirs, files in os.walk(self.inbox):
             here = Path(root)
-            dirs[:] = [d for d in dirs if not d.startswith(".") and here / d not in self._excluded]
+            dirs[:] = [d for d in dirs if is_candidate(Path(d), self.settings.watch_ignore)
+                       and here / d not in self._excluded]
             for name in files:
                 self.notice(here / name)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,10 @@ def describe_url(database_url: str) -> str:
     return url.render_as_string(hide_password=True)
 
 
+#: SQLite's errors for a file that is not a database, or a damaged one (SQLITE_NOTADB, SQLITE_CORRUPT).
+SQLITE_DAMAGED = frozenset({"file is not a database", "database disk image is malformed"})
+
+
 def _reason(error: BaseException) -> str:
     """The first line of a driver's error, for a sentence (never a traceback)."""
     orig = getattr(error, "orig", None) or error
@@ -52,13 +56,20 @@ def _reason(error: BaseException) -> str:
 
 def database_problem(database_url: str, error: BaseException) -> DatabaseNotReady | None:
     """``error`` as a :class:`DatabaseNotReady` sentence when it is operational (the database is
-    missing, unreachable, locked or at the wrong revision), else None (a bug: let it show).
+    missing, unreachable, locked, at the wrong revision, or a SQLite file that is not a database
+    or is damaged), else None (a bug: let it show).
 
     ``DatabaseNotReady`` comes back as it is; any ``OperationalError`` (connecting, a lost
     connection, a locked SQLite file) becomes "cannot reach Postgres at host:port (why): ...".
     """
     if isinstance(error, DatabaseNotReady):
         return error
+    if (isinstance(error, DatabaseError) and database_url.startswith("sqlite")
+            and _reason(error) in SQLITE_DAMAGED):  # a file that is not (or no longer) a database
+        return DatabaseNotReady(
+            f"the database file {describe_url(database_url)} is not a SQLite database or is damaged "
+            f"({_reason(error)}): restore it from a backup, or move it aside and run `cxr db upgrade` or `cxr up` "
+            "to start a new one")
     if not isinstance(error, OperationalError) and not (isinstance(error, DBAPIError) and error.connection_invalidated):
         return None
     where, reason = describe_url(database_url), _reason(error)
@@ -157,6 +168,9 @@ def make_engine(database_url: str, *, pool_size: int | None = None) -> Engine:
     in_memory = url.get_backend_name() == "sqlite" and (url.database in (None, "", ":memory:")
                                                         or url.query.get("mode") == "memory")
     pool = {} if in_memory else {"pool_size": pool_size, "max_overflow": pool_size}
+    # A failed statement's error message would quote its parameters (file names, accession
+    # numbers) and reach a log or a 503 sentence: SQLAlchemy leaves them out with hide_parameters.
+    pool["hide_parameters"] = True
     if database_url.startswith("sqlite"):
         # Several processes (API, watcher, workers) share one SQLite file: WAL lets
         # readers run beside the writer, and busy_timeout waits instead of failing.

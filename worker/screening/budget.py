@@ -26,7 +26,7 @@ import zlib
 from collections import deque
 from collections.abc import Iterator
 
-from cxr.dicom import is_dicom
+from cxr.dicom import SNIFF_BYTES, bare_dicom_encoding, is_dicom
 from worker.screening.gate import Code
 
 DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian (PS3.5 A.5)
@@ -62,8 +62,16 @@ def decoded_bytes(data: bytes) -> int | None:
     rows x cols x frames x samples x bytes per sample. None when the header does not say (the
     decoder then refuses the file with its own reason)."""
     try:
-        if is_dicom(data):
-            ds = _dicom_header(data)
+        bare = not is_dicom(data) and bare_dicom_encoding(data[:SNIFF_BYTES]) is not None
+        if is_dicom(data) or bare:
+            if bare:  # no preamble, 'DICM' or file meta: read as the decoder reads it (cxr.dicom.read_dataset)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    import pydicom
+
+                    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+            else:
+                ds = _dicom_header(data)
             rows, cols = ds.get("Rows"), ds.get("Columns")
             if not isinstance(rows, int) or not isinstance(cols, int):
                 return None

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cxr.dicom import anatomy_fields, header_fields, read_dataset  # also sets pydicom's lenient reading
+from cxr.dicom import anatomy_fields, codestream_mismatch, header_fields, read_dataset  # also sets pydicom's lenient reading
 from cxr.formats import SNIFF_BYTES
 from cxr.formats import sniff as _sniff
 from worker.screening.gate import Code
@@ -98,7 +98,7 @@ def decode_pixels(opened: Opened, *, voi: VoiOptions = VoiOptions(), frame: int 
     """The (H, W) float32 image in [0, 1]. Raises ImageDecodeError."""
     if opened.format == "dicom":
         return _dicom_pixels(opened.handle, voi=voi, frame=frame)
-    return _raster_pixels(opened.handle, kind=opened.format)
+    return _raster_pixels(opened.handle, kind=opened.format, voi=voi)
 
 
 def decode(data: bytes, *, max_pixels: int = 80_000_000, voi: VoiOptions = VoiOptions()) -> Decoded:
@@ -202,7 +202,7 @@ def _open_raster(data: bytes, *, kind: str, max_pixels: int) -> Opened:
                   handle=img)
 
 
-def _raster_pixels(img: Image.Image, *, kind: str) -> np.ndarray:
+def _raster_pixels(img: Image.Image, *, kind: str, voi: VoiOptions = VoiOptions()) -> np.ndarray:
     try:
         img.load()
         if kind == "jpeg":
@@ -214,9 +214,11 @@ def _raster_pixels(img: Image.Image, *, kind: str) -> np.ndarray:
         ) from e
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16-bit (or 32-bit) grey: no window in a PNG, so the full range of the values.
+        # 16-bit (or 32-bit) grey: no window in a PNG, so the robust range of the values, as for
+        # a DICOM without one: a burned-in label or border at the top value (65535 over a
+        # 12-bit film) must not squeeze the film into a few grey levels.
         arr = np.asarray(img, dtype=np.float32)
-        return to_unit_range(arr, float(arr.min()), float(arr.max()))
+        return to_unit_range(arr, *robust_range(arr, *voi.fallback_percentiles))
     if mode != "L":
         # RGB, RGBA, LA, P (palette), CMYK, 1: to luminance. Alpha is ignored.
         img = img.convert("L")
@@ -278,7 +280,7 @@ def _open_dicom(data: bytes, *, max_pixels: int) -> Opened:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns on oddities; what matters is checked below
-            ds, bare = read_dataset(io.BytesIO(data))
+            ds, bare, inferred = read_dataset(io.BytesIO(data))
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ImageDecodeError(
             Code.unreadable, f"cannot parse the DICOM file ({type(e).__name__}: {_cause(e)}); it is truncated or "
@@ -326,6 +328,9 @@ def _open_dicom(data: bytes, *, max_pixels: int) -> Opened:
     if bare:
         meta["notes"] = [f"dicom_no_meta: no DICOM Part 10 header (no preamble, 'DICM' or file meta); read as a "
                          f"bare data set in {_syntax_name(ds.file_meta.TransferSyntaxUID)}"]
+    elif inferred:
+        meta["notes"] = [f"dicom_no_meta: the DICOM file meta has no Transfer Syntax UID (0002,0010); read as "
+                         f"{_syntax_name(ds.file_meta.TransferSyntaxUID)}, inferred from the data set's encoding"]
     return Opened(format="dicom", metadata=meta, handle=ds)
 
 
@@ -355,6 +360,8 @@ def _dicom_pixels(ds: Any, *, voi: VoiOptions, frame: int) -> np.ndarray:
     decoder, err = _decoder_or_error(ts)
     if err is not None:
         raise err
+    if (mismatch := codestream_mismatch(ds)) is not None:
+        raise ImageDecodeError(Code.unreadable, mismatch)
     frames = int(ds.get("NumberOfFrames") or 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").upper()
     options: dict[str, Any] = {"index": frame} if frames > 1 else {}

@@ -23,7 +23,7 @@ from cxr.bundle import BundleMeta
 from worker.screening.budget import DecodeBudget, TooLargeForBudget, decoded_bytes
 from worker.screening.decode import ImageDecodeError, VoiOptions, decode, decode_pixels, open_image
 from worker.screening.explain import gradcam, gradcam_from_features, save_heatmap
-from worker.screening.content import polarity_score, thumbnail
+from worker.screening.content import polarity_scores, thumbnail
 from worker.screening.gate import (
     POLARITY_THRESHOLD,
     Code,
@@ -148,8 +148,8 @@ def gated_pixels(data: bytes, options: ScreenOptions = ScreenOptions()) -> tuple
     if (rejection := check_content(pixels, options.gate, thumb=thumb)) is not None:  # blank_image
         raise Rejected(rejection, metadata)
     if opened.format in ("png", "jpeg") and options.gate.polarity != "off":
-        score = polarity_score(pixels, thumb)
-        if score < -POLARITY_THRESHOLD:
+        score, best = polarity_scores(pixels, thumb)  # a film sent sideways is not a negative
+        if score < -POLARITY_THRESHOLD and best < -POLARITY_THRESHOLD:
             if options.gate.polarity == "reject":
                 raise Rejected(inverted_polarity(score), metadata)
             pixels = np.subtract(np.float32(1.0), pixels, dtype=np.float32)
