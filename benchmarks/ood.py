@@ -211,9 +211,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bundle {args.checkpoint} (version {loaded.meta.version}), OOD threshold {loaded.meta.ood_threshold:.1f}")
     for r in [head, tuple("-" * w for w in widths), *rows]:
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")
-    non_chest = [v for k, v in report.items() if not k.startswith("chest films (held")]
+    non_chest = [v for k, v in report.items() if not k.startswith("chest films")]
     total = sum(v["n"] for v in non_chest)
-    print(f"non-chest refused by the service: {sum(v['refused'] for v in non_chest)}/{total}")
+    print(f"non-chest material refused by the service: {sum(v['refused'] for v in non_chest)}/{total}; "
+          f"by the OOD score alone: {sum(v['ood_alone'] for v in non_chest)}/"
+          f"{sum(v['ood_decodable'] for v in non_chest)} of those that decode")
+    for k in ("chest films (held out)", "chest films inverted (negatives)"):
+        if k in report:
+            print(f"{k}: {report[k]['refused']}/{report[k]['n']} refused (negatives are inverted back by the "
+                  "polarity check and screened, not refused)" if "inverted" in k else
+                  f"{k}: {report[k]['refused']}/{report[k]['n']} refused")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "ood.json").write_text(json.dumps(report, indent=2))
