@@ -198,6 +198,39 @@ def _corrupt(n: int, e: BaseException) -> HTTPException:
                               "compressed stream does not match); create the zip again and resend it")
 
 
+#: Directory entries a zip may declare per accepted file: folders and macOS's `__MACOSX/._*`
+#: twins are entries too, skipped (not counted) when the files are.
+ZIP_ENTRIES_PER_MEMBER = 3
+_EOCD, _ZIP64_LOCATOR, _ZIP64_EOCD = b"PK\x05\x06", b"PK\x06\x07", b"PK\x06\x06"
+
+
+def declared_entries(stream: BinaryIO) -> int | None:
+    """The number of central-directory entries a zip declares, read from its end records
+    alone (PKWARE APPNOTE 6.3.10: 4.3.16 end of central directory record; 4.3.15 and 4.3.14
+    the Zip64 locator and record), without reading the directory itself. None when there is
+    no end record (then it is not a readable zip at all). The stream is left at its start."""
+    stream.seek(0, 2)
+    size = stream.tell()
+    tail_start = max(0, size - (22 + 65535))  # the record is 22 bytes plus a comment of at most 64 KiB
+    stream.seek(tail_start)
+    tail = stream.read()
+    stream.seek(0)
+    at = tail.rfind(_EOCD)
+    if at < 0 or len(tail) - at < 22:
+        return None
+    entries = int.from_bytes(tail[at + 10:at + 12], "little")
+    locator = at - 20
+    if entries == 0xFFFF and locator >= 0 and tail[locator:locator + 4] == _ZIP64_LOCATOR:
+        record_at = int.from_bytes(tail[locator + 8:locator + 16], "little")
+        if 0 <= record_at < size:
+            stream.seek(record_at)
+            record = stream.read(56)
+            stream.seek(0)
+            if len(record) == 56 and record[:4] == _ZIP64_EOCD:
+                entries = int.from_bytes(record[32:40], "little")
+    return entries
+
+
 def unpack_zip(stream: BinaryIO, *, store_dir, max_total_bytes: int, max_members: int) -> Iterator[Member]:
     """Store each file of a zip. Refuses (before storing anything) members with '..' or an
     absolute path, more than ``max_members`` files, or a declared total uncompressed size
@@ -205,7 +238,15 @@ def unpack_zip(stream: BinaryIO, *, store_dir, max_total_bytes: int, max_members
 
     Members that cannot be read: encrypted 422, unsupported compression 415, corrupt or
     truncated data (bad CRC-32, broken stream) 400; each named by position ("zip member 3"),
-    never by name. Raises HTTPException."""
+    never by name. Raises HTTPException.
+
+    The number of entries is read from the zip's end record before its directory is parsed,
+    so a directory of hundreds of thousands of empty entries (a few bytes each in the
+    upload, hundreds of MB once parsed) is refused with 413 without being read."""
+    entries = declared_entries(stream)
+    if entries is not None and entries > ZIP_ENTRIES_PER_MEMBER * max_members:
+        raise HTTPException(413, f"the zip declares {entries} entries; at most {max_members} files are accepted "
+                                 "(CXR_MAX_ZIP_MEMBERS); send several smaller zips")
     try:
         zf = zipfile.ZipFile(stream)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:

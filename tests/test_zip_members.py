@@ -133,3 +133,42 @@ def test_a_readable_zip_still_unpacks(tmp_path):
     data, _ = _zip()
     members = list(unpack_zip(io.BytesIO(data), store_dir=tmp_path, max_total_bytes=1 << 30, max_members=100))
     assert [m.filename for m in members] == [f"{SECRET}-{i}.png" for i in range(3)]
+
+
+@pytest.mark.parametrize("zip64", [False, True])
+def test_a_huge_directory_is_refused_from_the_end_record_before_it_is_parsed(tmp_path, zip64):
+    """Empty entries cost a few dozen bytes in the upload and far more once zipfile parses the
+    directory: the declared count (end record, or the Zip64 one) is checked first."""
+    import tracemalloc
+
+    from api.uploads import ZIP_ENTRIES_PER_MEMBER, declared_entries
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        for i in range(70_000 if zip64 else 3_000):  # over 65,535 entries needs the Zip64 record
+            z.writestr(f"d/{i}", b"")
+    data = buf.getvalue()
+    assert (data.find(b"PK\x06\x06") != -1) is zip64
+    assert declared_entries(io.BytesIO(data)) == (70_000 if zip64 else 3_000)
+    max_members = 100
+    assert declared_entries(io.BytesIO(data)) > ZIP_ENTRIES_PER_MEMBER * max_members
+    tracemalloc.start()
+    with pytest.raises(HTTPException) as e:
+        list(unpack_zip(io.BytesIO(data), store_dir=tmp_path, max_total_bytes=1 << 30, max_members=max_members))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert e.value.status_code == 413 and "declares" in e.value.detail
+    assert peak < len(data) // 4 + (1 << 20)  # the directory was never parsed (70,000 ZipInfo would be ~40 MB)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_zip_with_a_few_folders_and_macos_twins_is_not_refused_for_its_entry_count(tmp_path):
+    """Entries that are skipped (folders, __MACOSX/._*) are allowed for up to the declared factor."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for i in range(3):
+            z.writestr(f"films/{i}.png", png_bytes(chest_like(64, seed=i)))
+            z.writestr(f"__MACOSX/films/._{i}.png", b"\x00\x05\x16\x07")
+        z.writestr("films/", b"")
+    members = list(unpack_zip(io.BytesIO(buf.getvalue()), store_dir=tmp_path, max_total_bytes=1 << 30, max_members=3))
+    assert len(members) == 3
