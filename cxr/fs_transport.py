@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import threading
 import uuid
+from functools import cached_property
+from pathlib import Path
 from time import monotonic, sleep
 
 from kombu.exceptions import ChannelError
@@ -26,7 +28,22 @@ from kombu.utils.json import dumps
 TRANSPORT = "cxr.fs_transport:Transport"
 
 
+def control_folder_of(options: dict | None) -> str:
+    """The absolute control folder (exchange tables) for these transport options: the one
+    given, else ``control`` beside the data folder, never kombu's ``control`` in the working
+    directory (which left ``control/celery.exchange`` wherever a process happened to run)."""
+    options = options or {}
+    if options.get("control_folder"):
+        return os.path.abspath(options["control_folder"])
+    data = options.get("data_folder_in") or options.get("data_folder_out")
+    return os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(data)), "control") if data else "control")
+
+
 class Channel(filesystem.Channel):
+    @cached_property
+    def control_folder(self) -> Path:
+        return Path(control_folder_of(self.transport_options))
+
     def _put(self, queue, payload, **kwargs):
         """Put ``payload`` onto ``queue``: write ``<name>.tmp``, flush it, rename it to ``<name>``."""
         name = "{}_{}.{}.msg".format(int(round(monotonic() * 1000)), uuid.uuid4(), queue)
@@ -90,6 +107,6 @@ class Transport(filesystem.Transport):
 
     def __init__(self, client, **kwargs):
         super().__init__(client, **kwargs)
-        folder = os.path.abspath((client.transport_options or {}).get("control_folder", "control"))
+        folder = control_folder_of(client.transport_options)
         with self._states_lock:
             self.state = self._states.setdefault(folder, virtual.BrokerState())

@@ -160,6 +160,10 @@ def test_a_name_resolving_to_loopback_is_refused_at_send_time(receiver):
     name = socket.gethostname()
     addresses = {ai[4][0] for ai in socket.getaddrinfo(name, receiver.port, type=socket.SOCK_STREAM)}
     if not any(a.startswith("127.") or a == "::1" for a in addresses):
+        # Debian's /etc/hosts maps the host's name to 127.0.1.1; a host without that entry
+        # offers no name to test with (the static spellings are tested above either way).
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI runs where the host name resolves to loopback, but {name} gives {addresses}")
         pytest.skip(f"{name} does not resolve to loopback here ({addresses})")
     url = f"http://{name}:{receiver.port}/hook"
     assert static_refusal(url, NO_ALLOW) is None

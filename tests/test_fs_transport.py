@@ -91,3 +91,23 @@ def test_interactive_tasks_ask_for_scores_first_and_batch_tasks_do_not(tmp_path)
         args, kwargs, _ = json.loads(base64.b64decode(msg["body"]))
         bodies[args[0][0]] = kwargs
     assert bodies == {"1": {"scores_first": True}, "2": {}}
+
+
+def test_exchange_tables_never_land_in_the_working_directory(tmp_path, monkeypatch):
+    """Options without a control folder (a Celery app made by hand, as some tests and scripts
+    do) keep the exchange table beside the data folder, not in ``./control`` wherever the
+    process runs (that is how ``control/celery.exchange`` got committed at the repo root)."""
+    from kombu import Exchange, Queue
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    folder = tmp_path / "broker" / "queue"
+    folder.mkdir(parents=True)
+    opts = {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+    with Connection(transport=TRANSPORT, transport_options=opts) as conn:
+        queue = Queue("q", Exchange("celery", type="direct"), routing_key="q")
+        with conn.Producer() as producer:
+            producer.publish({"x": 1}, exchange=queue.exchange, routing_key="q", declare=[queue])
+    assert not (work / "control").exists()
+    assert (tmp_path / "broker" / "control" / "celery.exchange").exists()

@@ -168,12 +168,12 @@ def test_uncertain_follows_the_stored_threshold(tmp_path, tiny_bundle, films):
 
 
 def test_mc_dropout_is_deterministic_and_independent_of_the_batch(tiny_bundle, films):
-    from worker.screening.reliability import mc_dropout_logits, mc_uncertainty
+    from worker.screening.reliability import bald, mc_dropout_logits, mc_probs
 
     loaded = _loaded(tiny_bundle)
     pooled = _pooled_of(loaded, films[:5])
-    a = mc_uncertainty(loaded.model.head, pooled, temperature=1.0, bias=None)
-    b = np.concatenate([mc_uncertainty(loaded.model.head, pooled[i:i + 1], temperature=1.0, bias=None)
+    a = bald(mc_probs(loaded.model.head, pooled, temperature=1.0, bias=None))
+    b = np.concatenate([bald(mc_probs(loaded.model.head, pooled[i:i + 1], temperature=1.0, bias=None))
                         for i in range(5)])
     np.testing.assert_allclose(a, b, atol=1e-6)
     logits = mc_dropout_logits(loaded.model.head, pooled)

@@ -135,8 +135,9 @@ def gated_pixels(data: bytes, options: ScreenOptions = ScreenOptions()) -> tuple
     PNG and JPEG only the polarity (a negative is inverted and a note says so in
     ``metadata["notes"]`` with CXR_GATE_POLARITY=invert, or refused with ``reject``; a
     DICOM's Photometric Interpretation is authoritative, never inverted here), and last
-    ``options.content_checks`` on the picture as the model will see it. Raises ImageDecodeError: the file cannot be read, or (as its subclass
-    Rejected) it is read but not to be screened."""
+    ``options.content_checks`` on the picture as the model will see it. Raises
+    ImageDecodeError: the file cannot be read, or (as its subclass Rejected) it is read but
+    not to be screened."""
     opened = open_image(data, max_pixels=options.max_pixels)
     if (rejection := check_header(opened.metadata, options.gate)) is not None:
         raise Rejected(rejection, opened.metadata)

@@ -170,12 +170,6 @@ def mc_probs(head: nn.Sequential, pooled: torch.Tensor, *, temperature: float, b
     return calibrated(logits.reshape(t * n, k), temperature=temperature, bias=bias).reshape(t, n, k)
 
 
-def mc_uncertainty(head: nn.Sequential, pooled: torch.Tensor, *, temperature: float,
-                   bias: Sequence[float] | None, samples: int = MC_SAMPLES) -> np.ndarray:
-    """The BALD uncertainty (N,) of each film, from calibrated MC-dropout probabilities."""
-    return bald(mc_probs(head, pooled, temperature=temperature, bias=bias, samples=samples))
-
-
 def uncertainty_of(method: str, *, head: nn.Sequential, pooled: torch.Tensor, probs: np.ndarray,
                    temperature: float, bias: Sequence[float] | None) -> np.ndarray:
     """The uncertainty (N,) of each film by ``method`` (one of ``UNCERTAINTY_METHODS``).
