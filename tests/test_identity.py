@@ -341,6 +341,25 @@ def test_a_readable_copy_replaces_a_queued_copy_that_does_not_decode(env):
     assert len(rows(settings, Study)) == 1
 
 
+def test_a_copy_that_does_not_decode_never_displaces_a_readable_one(env):
+    """A film the gate refused (here: rejected by hand, as not_chest would) and then a truncated
+    re-send of it: the cut copy is recorded on the study, which keeps its complete file and its
+    reason and is not queued again."""
+    settings, _ = env
+    good = to_bytes(chest_dataset(320, seed=92))
+    first = submit(env, good, "film.dcm")
+    with session_scope(settings.database_url) as s:
+        repo.mark_study(s, study_id=first.study_id, status=StudyStatus.rejected, reject_code="not_chest",
+                        error="not_chest: refused")
+    cut = submit(env, good[: len(good) * 3 // 4], "film-cut.dcm")
+    assert cut.study_id == first.study_id and cut.status == "rejected" and cut.duplicate == "same_sop_instance"
+    with session_scope(settings.database_url) as s:
+        study = s.get(Study, first.study_id)
+        assert (study.status, study.reject_code, study.filename) == ("rejected", "not_chest", "film.dcm")
+        assert Path(study.stored_path).read_bytes() == good
+        assert s.query(StudyFile).filter(StudyFile.study_id == study.id).count() == 2
+
+
 def test_conflicting_films_racing_in_two_threads_are_never_merged(env):
     """Two films with one UID (and a re-send of each) arriving at once, through both routes:
     one owner, one conflicting study, each file on its own film's study."""

@@ -301,9 +301,12 @@ def _find_existing(session: Session, *, sha256: str, sop: str | None, filename: 
             setattr(study, column, value)
         record_event(session, study_id=study.id, status=study.status, actor=actor,
                      detail="a readable copy of its SOP instance replaced a copy that does not decode")
-    retry = reject is None and study.status in unscored
+    # Not scored yet: the new copy may be readable, and becomes the primary file; but a copy
+    # that does not decode never displaces one that does (a truncated re-send of a film the
+    # gate refused would otherwise replace the complete film and be rejected as unreadable).
+    worse = pixels is not None and pixels(stored_path) is None and pixels(study.stored_path) is not None
+    retry = reject is None and study.status in unscored and not worse
     if retry:
-        # Not scored yet: the new copy may be readable. It becomes the primary file.
         study.sha256, study.stored_path, study.size_bytes, study.filename = sha256, stored_path, size_bytes, filename
         for column, value in metadata.items():
             setattr(study, column, value)
