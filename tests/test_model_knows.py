@@ -254,3 +254,35 @@ def test_calibrate_fits_the_gate_and_evaluate_reports_it(tmp_path, tiny_bundle):
     assert all(0.0 <= v <= 1.0 for sm in m["per_source"].values() for v in sm["pairwise_auc"].values())
     assert "AUC within the source" in (ev / "summary.md").read_text()
     assert "accuracy at 80% coverage" in (ev / "summary.md").read_text()
+
+
+def test_a_dicom_whose_header_names_the_chest_is_screened_and_referred_not_refused(tmp_path, tiny_bundle, films):
+    """A real chest DICOM that renders unlike the training films (its window, say) is above the
+    OOD threshold: the header's own anatomy outranks the learned check, so it is screened,
+    marked uncertain and noted; the same film with no anatomy in its header is refused."""
+    import pydicom
+
+    from tests.imagegen import write_dicom
+    from worker.screening.model import load_bundle
+    from worker.screening.pipeline import Screener
+
+    chest = write_dicom(tmp_path / "chest.dcm", seed=5)  # BodyPartExamined CHEST
+    ds = pydicom.dcmread(chest)
+    del ds.BodyPartExamined
+    unlabelled = tmp_path / "unlabelled.dcm"
+    ds.save_as(unlabelled)
+    loaded = _loaded(bundle_with_knowledge(tmp_path, tiny_bundle, films, ood_threshold=1e12, name="probe.safetensors"))
+    from worker.screening.pipeline import gated_pixels, to_model
+    from worker.screening.reliability import pooled_features
+
+    x = to_model(gated_pixels(chest.read_bytes())[0], loaded.meta)[None]
+    with torch.no_grad():
+        score = float(loaded.ood.score(pooled_features(loaded.model, loaded.model.last_conv(torch.from_numpy(x))))[0])
+    strict = bundle_with_knowledge(tmp_path, tiny_bundle, films, ood_threshold=score - 1.0, name="strict.safetensors",
+                                   uncertainty={"method": "softmax-response", "threshold": 2.0})  # never uncertain
+    screener = Screener(load_bundle(strict))
+    out = screener.screen(chest.read_bytes())
+    assert out.status == "done" and out.uncertain is True
+    assert any(n.startswith("ood_exceeded:") for n in out.notes)
+    refused = screener.screen(unlabelled.read_bytes())
+    assert (refused.status, refused.reject_code) == ("rejected", "not_chest")

@@ -219,18 +219,20 @@ def _verdict(words: set[str], chest: set[str], not_chest: Iterable[str]) -> str 
     return "chest" if words & chest else None
 
 
-def check_anatomy(meta: Mapping[str, Any], chest_words: Iterable[str],
-                  not_chest_words: Iterable[str] = NOT_CHEST_WORDS) -> Rejection | None:
-    """``not_chest`` when BodyPartExamined is empty and another header names a body part that is
-    not the chest: the Anatomic Region Sequence (code meaning, or a SNOMED code), Protocol
-    Name, Series Description or Study Description, in that order (PS3.3 C.7.3.1, C.8.4.6,
-    C.7.2.1). The first field that names the chest or another body part decides; one that
-    names neither (e.g. "Routine") is passed over. ``meta["anatomy"]`` maps those keywords to
-    their text (the sequence: a list of (code value, code meaning) pairs)."""
-    if meta.get("body_part") and str(meta["body_part"]).strip():
-        return None  # check_body_part decides
-    anatomy = meta.get("anatomy") or {}
+def anatomy_verdict(meta: Mapping[str, Any], chest_words: Iterable[str],
+                    not_chest_words: Iterable[str] = NOT_CHEST_WORDS) -> tuple[str, str] | None:
+    """(the header field that decided, ``"chest"`` or the body part it names) from
+    BodyPartExamined, else the Anatomic Region Sequence (code meaning, or a SNOMED code),
+    Protocol Name, Series Description or Study Description, in that order (PS3.3 C.7.3.1,
+    C.8.4.6, C.7.2.1); None when no field names a body part. The first field that names the
+    chest or another body part decides; one that names neither (e.g. "Routine") is passed
+    over. ``meta["anatomy"]`` maps those keywords to their text (the sequence: a list of
+    (code value, code meaning) pairs)."""
     chest = {w.upper() for w in chest_words}
+    body_part = meta.get("body_part")
+    if body_part and str(body_part).strip():
+        return "BodyPartExamined", ("chest" if _words(str(body_part)) & chest else str(body_part))
+    anatomy = meta.get("anatomy") or {}
     for keyword in ANATOMY_FIELDS:
         value = anatomy.get(keyword)
         if not value:
@@ -246,17 +248,35 @@ def check_anatomy(meta: Mapping[str, Any], chest_words: Iterable[str],
                 verdict = verdict or v
         else:
             verdict = _verdict(_words(str(value)), chest, not_chest_words)
-        if verdict == "chest":
-            return None
         if verdict is not None:
-            what = verdict if verdict.startswith("a ") else f"the {verdict.lower()}"
-            return Rejection(
-                Code.not_chest,
-                f"BodyPartExamined is empty and {keyword} names {what}, not the chest; only chest radiographs "
-                "are screened. If this is a chest film, correct the header at the modality or router, or set "
-                "CXR_GATE_NOT_CHEST=false",
-            )
+            return keyword, verdict
     return None
+
+
+def header_says_chest(meta: Mapping[str, Any], rules: "GateRules") -> bool:
+    """True when the DICOM header itself names the chest (see :func:`anatomy_verdict`)."""
+    found = anatomy_verdict(meta, rules.chest_body_parts, rules.not_chest_words)
+    return found is not None and found[1] == "chest"
+
+
+def check_anatomy(meta: Mapping[str, Any], chest_words: Iterable[str],
+                  not_chest_words: Iterable[str] = NOT_CHEST_WORDS) -> Rejection | None:
+    """``not_chest`` when BodyPartExamined is empty and another header field names a body part
+    that is not the chest (:func:`anatomy_verdict`); BodyPartExamined itself is
+    :func:`check_body_part`'s."""
+    if meta.get("body_part") and str(meta["body_part"]).strip():
+        return None  # check_body_part decides
+    found = anatomy_verdict(meta, chest_words, not_chest_words)
+    if found is None or found[1] == "chest":
+        return None
+    keyword, verdict = found
+    what = verdict if verdict.startswith("a ") else f"the {verdict.lower()}"
+    return Rejection(
+        Code.not_chest,
+        f"BodyPartExamined is empty and {keyword} names {what}, not the chest; only chest radiographs "
+        "are screened. If this is a chest film, correct the header at the modality or router, or set "
+        "CXR_GATE_NOT_CHEST=false",
+    )
 
 
 def check_header(meta: Mapping[str, Any], rules: GateRules) -> Rejection | None:

@@ -33,6 +33,7 @@ from worker.screening.gate import (
     check_content,
     check_header,
     check_image,
+    header_says_chest,
     inverted_polarity,
     min_size_for,
     status_for,
@@ -265,8 +266,7 @@ class Screener:
         in its own thread: the batcher goes on with the next batch meanwhile.
 
         Returns per row (probabilities, its Reliability (OOD score, uncertainty), None or a call
-        that gives (its Grad-CAM map (H, W), Grad-CAM ms per map of the batch)). A row the OOD
-        gate will refuse gets no Grad-CAM."""
+        that gives (its Grad-CAM map (H, W), Grad-CAM ms per map of the batch))."""
         logits, features = self.forward(x)
         probs = calibrated(logits, temperature=self.meta.temperature, bias=self.meta.bias)
         rows = list(probs)
@@ -275,8 +275,7 @@ class Screener:
                          bias=self.meta.bias, method=self.meta.uncertainty.get("method"))
         else:  # a backbone without conv_head: no pooled features from this pass
             rel = [Reliability(None, None)] * len(rows)
-        need = [i for i, (p, want) in enumerate(zip(rows, want_cam))
-                if want and self._wants_cam(p) and ood_rejection(rel[i].ood_score, self.meta) is None]
+        need = [i for i, (p, want) in enumerate(zip(rows, want_cam)) if want and self._wants_cam(p)]
         if not need:
             return [(p, r, None) for p, r in zip(rows, rel)]
 
@@ -343,14 +342,22 @@ class Screener:
         want_cam = heatmap_to is not None and self.options.heatmaps != "none"
         (probs_arr, rel, cam_of), batch_size = self.run_forward(x[None], want_cam)
         t2 = time.perf_counter()
-        if (rejection := ood_rejection(rel.ood_score, self.meta)) is not None:
-            return Outcome(status=status_for(rejection.code), reject_code=rejection.code.value, error=str(rejection),
+        far = ood_rejection(rel.ood_score, self.meta)
+        if far is not None and not header_says_chest(metadata, self.options.gate):
+            return Outcome(status=status_for(far.code), reject_code=far.code.value, error=str(far),
                            ood_score=rel.ood_score, metadata={**metadata, "ood_score": round(rel.ood_score, 3)})
+        if far is not None:  # the DICOM header says chest: an unfamiliar rendering, screened and referred
+            metadata = {**metadata, "notes": [*metadata.get("notes", []), (
+                f"ood_exceeded: out-of-distribution score {rel.ood_score:.0f} is above the bundle's "
+                f"{self.meta.ood_threshold:.0f}, but the DICOM header names the chest, so it was screened and "
+                "marked uncertain; check how the film renders (window, photometric interpretation)")]}
         probs = {c: float(p) for c, p in zip(self.meta.classes, probs_arr)}
         predicted = max(probs, key=probs.__getitem__)
         risk, flagged = risk_and_flag(probs, self.meta)
         threshold = self.meta.uncertainty_threshold
         uncertain = None if rel.uncertainty is None or threshold is None else bool(rel.uncertainty >= threshold)
+        if far is not None:
+            uncertain = True
         known = {"ood_score": rel.ood_score, "uncertainty": rel.uncertainty, "uncertain": uncertain}
         heatmap_path = None
         timings = {"decode_preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "batch_size": batch_size}
